@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -139,3 +140,30 @@ class FileLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path):
+    """Yield a temporary directory to fill; then fsync its files and rename it to `path` (absent)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        fsync_dir(tmp)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_directories(directory: Path) -> None:
+    """Delete what interrupted `atomic_directory` writes in `directory` left behind."""
+    for tmp in Path(directory).glob(f"*{TMP_SUFFIX}"):
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()

@@ -37,7 +37,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import to_dict
 from pipeline.errors import MoekdError
-from pipeline.files import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, fsync_dir, read_json
+from pipeline.files import (
+    atomic_directory, atomic_write_bytes, atomic_write_json, read_json, remove_stale_directories,
+)
 from pipeline.losses import LossConfig, distillation_loss
 from pipeline.models import resolve_device
 from pipeline.reader import Batch, Reader
@@ -235,32 +237,6 @@ class Trainer:
 
 
 # ---------------------------------------------------------------- checkpoints
-
-@contextlib.contextmanager
-def atomic_directory(path: Path):
-    """Yield a temporary directory to fill; then fsync its files and rename it to `path` (absent)."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                with open(file, "rb") as f:
-                    os.fsync(f.fileno())
-        fsync_dir(tmp)
-        os.rename(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def remove_stale_directories(directory: Path) -> None:
-    """Delete what interrupted `atomic_directory` writes in `directory` left behind."""
-    for tmp in Path(directory).glob(f"*{TMP_SUFFIX}"):
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-
 
 def checkpoints(directory: Path) -> list[Path]:
     """The complete checkpoints in `directory`, oldest first."""
