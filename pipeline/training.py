@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Literal
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from pipeline.config import to_dict
 from pipeline.errors import MoekdError
@@ -43,6 +45,7 @@ from pipeline.files import (
 from pipeline.losses import LossConfig, distillation_loss
 from pipeline.models import resolve_device
 from pipeline.reader import Batch, Reader
+from pipeline.seeding import derive_seed, rng_state, seed_everything, set_rng_state
 
 TRAINER_STATE = "trainer.pt"
 CHECKPOINT_NAME = re.compile(r"step-(\d{8})")
@@ -124,6 +127,12 @@ class Distributed:
     def stop(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+    def __enter__(self) -> Distributed:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` summed over ranks, in place."""
@@ -263,6 +272,29 @@ def load_trainer_state(checkpoint: Path) -> dict:
     return torch.load(Path(checkpoint) / TRAINER_STATE, weights_only=False)
 
 
+def save_run_checkpoint(directory: Path, processes: Distributed, model, tokenizer, keep: int, parts: dict,
+                        position: tuple[int, int], tokens: int) -> None:
+    """Checkpoint the step just taken: `model`, and in trainer.pt each part's state_dict() by its name, the
+    reader's next `position`, the `tokens` so far and every rank's RNG states (every rank calls this)."""
+    state = {"position": position, "tokens": tokens, "rng": processes.gather(rng_state())}
+    state |= {name: part.state_dict() for name, part in parts.items()}
+    if processes.rank == 0:
+        save_checkpoint(directory, parts["trainer"].steps_done, model, tokenizer, state, keep)
+
+
+def resume(latest: str | None, processes: Distributed, seed: int, parts: dict) -> tuple[tuple[int, int], int]:
+    """(position, tokens) of checkpoint `latest`, after loading its states into `parts` and this rank's RNGs;
+    without one, ((0, 0), 0) after seeding this rank's RNGs from `seed`."""
+    if latest is None:
+        seed_everything(derive_seed(seed, "rank", processes.rank))
+        return (0, 0), 0
+    state = load_trainer_state(latest)
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    set_rng_state(state["rng"][processes.rank])
+    return tuple(state["position"]), state["tokens"]
+
+
 # ---------------------------------------------------------------- metrics
 
 class MetricsLog:
@@ -296,6 +328,12 @@ def run_identity(config, world_size: int, resumable_with_changes: tuple[str, ...
     """What run.json records: the config, less the fields a run may resume with changed, and the world size."""
     settings = {key: value for key, value in to_dict(config).items() if key not in resumable_with_changes}
     return json.loads(json.dumps({"config": settings, "world_size": world_size}))  # tuples as JSON reads them
+
+
+def open_run(config, processes: Distributed, resumable: tuple[str, ...]) -> tuple[dict, str | None]:
+    """(`run_identity`, rank 0's `inspect_output` of config.output): what a stage starts, resumes or finds done."""
+    identity = run_identity(config, processes.world_size, resumable)
+    return identity, processes.on_rank0(lambda: inspect_output(Path(config.output), identity, config.overwrite))
 
 
 def inspect_output(output: Path, identity: dict, overwrite: bool) -> str | None:
@@ -376,3 +414,28 @@ def step_batches(reader: Reader, steps_in: Callable[[int], int], grad_accum: int
                 if first == steps_in(epoch) * grad_accum:
                     epoch, first = epoch + 1, 0
                 yield this_epoch, batches, (epoch, first)
+
+
+def run_steps(walk: Iterator, step: Callable[[list], dict], after_step: Callable[[dict, tuple[int, int]], None],
+              trainer: Trainer, tokens: int, processes: Distributed, desc: str, show: tuple[str, ...]) -> dict:
+    """Take the steps of `walk` (`step_batches`) with a tqdm bar; the last step's record ({}: none left).
+
+    `step(batches)` takes one step and returns its metrics (with "tokens");
+    the record adds step, epoch, the tokens so far and tokens_per_s, and goes
+    to `after_step(record, the reader's next position)` (logging, saving),
+    which may add to it; the bar shows the record's `show` keys.
+    """
+    record = {}
+    with contextlib.closing(walk), tqdm(total=trainer.total_steps, initial=trainer.steps_done, desc=desc,
+                                        unit="step", dynamic_ncols=True, disable=processes.rank != 0) as bar:
+        start = time.perf_counter()  # a step's time counts its wait for batches, not what after_step does
+        for epoch, batches, position in walk:
+            result = step(batches)
+            tokens += result["tokens"]
+            record = {"step": trainer.steps_done, "epoch": epoch, **result, "tokens": tokens,
+                      "tokens_per_s": result["tokens"] / (time.perf_counter() - start)}
+            after_step(record, position)
+            bar.update()
+            bar.set_postfix({key: f"{record[key]:.4g}" for key in show})
+            start = time.perf_counter()
+    return record
