@@ -6,6 +6,13 @@ zstd-compressed Parquet shards with a manifest. Shard `s` always holds prepared
 rows `[s * shard_size, (s + 1) * shard_size)`, so re-running resumes at the
 first uncommitted shard and any number of workers (`--worker i --num-workers n`
 or torchrun) fill one cache without overlap.
+
+`routers` (a `moekd sar` routers file) runs the teacher with the routers SAR
+adapted to a student, loaded onto the original teacher after it is read
+(`pipeline.sar.apply_routers`, which refuses a file trained on another
+teacher); the file's sha256 is part of the cache identity (teacher.routers),
+so such a cache is never mixed with one from the original teacher or from
+other routers.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import math
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -25,9 +33,10 @@ from pipeline.config import to_dict
 from pipeline.data import PreparedData
 from pipeline.distributed import owned, worker_slot
 from pipeline.errors import MoekdError
-from pipeline.files import remove_stale_temporaries
+from pipeline.files import remove_stale_temporaries, sha256_file
 from pipeline.models import load_model, load_tokenizer, model_identity, resolve_device, resolve_dtype, tokenizer_fingerprint
 from pipeline.routing import RoutingConfig, RoutingHooks
+from pipeline.sar import apply_routers
 
 
 @dataclass
@@ -36,6 +45,7 @@ class Config:
     output: str  # the cache directory
     teacher: str  # local Hugging Face directory of the (MoE) teacher
     data: str  # a `moekd prepare` output directory
+    routers: str | None = None  # a `moekd sar` routers file for this teacher: cache the SAR-adapted teacher
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     top_k: int = 64  # log-probs stored per token and sample
     aggregate: bool = False  # also store the top-k of the mean of the M samples
@@ -66,13 +76,17 @@ def run(config: Config) -> dict:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     model = load_model(config.teacher, dtype=dtype, device=device)
+    teacher = {key: value for key, value in model_identity(config.teacher, model).items() if key != "path"}
+    if config.routers:
+        apply_routers(model, config.routers)
+        teacher["routers"] = sha256_file(Path(config.routers))  # absent without: older caches keep their identity
     vocab_size = model.get_output_embeddings().weight.shape[0]
     if config.top_k > vocab_size:
         raise MoekdError(f"top_k={config.top_k} exceeds the teacher's vocabulary ({vocab_size})")
     num_samples = config.routing.samples if config.routing.mode == "ka" else 1
     num_shards = math.ceil(len(data) / config.shard_size)
     identity = {
-        "teacher": {key: value for key, value in model_identity(config.teacher, model).items() if key != "path"},
+        "teacher": teacher,
         "tokenizer_fingerprint": data.tokenizer_fingerprint,
         "data_fingerprint": data.fingerprint,
         "rows": len(data),
@@ -85,7 +99,8 @@ def run(config: Config) -> dict:
             vocab_size=vocab_size, k=config.top_k, num_samples=num_samples, with_aggregate=config.aggregate
         ),
     }
-    info = {"teacher_path": config.teacher, "data_path": config.data, "device": device.type}
+    info = {"teacher_path": config.teacher, "routers_path": config.routers, "data_path": config.data,
+            "device": device.type}
     manifest = Manifest.open(config.output, identity, info, config.overwrite)
     todo = [s for s in owned(range(num_shards), worker, num_workers) if s not in manifest.committed()]
     print(
