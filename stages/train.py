@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Callable, ClassVar, Literal
 
 import torch
-from tqdm import tqdm
 
 from pipeline.cache_format import Manifest, verify_cache
 from pipeline.capture import capture_batch
@@ -52,11 +51,9 @@ from pipeline.reader import (
     Batch, CacheShards, PreparedShards, Reader, collate_examples, collate_records, one_sample_per_sequence,
 )
 from pipeline.routing import RoutingConfig, RoutingHooks
-from pipeline.seeding import derive_seed, rng_state, seed_everything, set_rng_state
 from pipeline.training import (
     CHECKPOINTS, FINAL, FINISHED, METRICS_FILE, Distributed, MetricsLog, OptimConfig, Trainer, atomic_directory,
-    autocast_dtype, inspect_output, load_trainer_state, run_identity, save_checkpoint, start_output, step_batches,
-    steps_in_epoch,
+    autocast_dtype, open_run, resume, run_steps, save_run_checkpoint, start_output, step_batches, steps_in_epoch,
 )
 
 # Settings that change neither the losses nor the weights: a run may resume with other values.
@@ -123,17 +120,13 @@ class Config:
 
 def run(config: Config) -> dict:
     """Train (or resume, or find finished) the run in `config.output`; the last step's metrics ({}: nothing to do)."""
-    processes = Distributed(config.device)
-    try:
+    with Distributed(config.device) as processes:
         return train(config, processes)
-    finally:
-        processes.stop()
 
 
 def train(config: Config, processes: Distributed) -> dict:
     output = Path(config.output)
-    identity = run_identity(config, processes.world_size, RESUMABLE_WITH_CHANGES)
-    latest = processes.on_rank0(lambda: inspect_output(output, identity, config.overwrite))
+    identity, latest = open_run(config, processes, RESUMABLE_WITH_CHANGES)
     if latest == FINISHED:
         processes.say(f"train: {output / FINAL} exists, the run is finished; nothing to do")
         return {}
@@ -150,14 +143,7 @@ def train(config: Config, processes: Distributed) -> dict:
     total_steps = config.max_steps or sum(steps_in(epoch) for epoch in range(config.epochs))
     trainer = Trainer(model, config.optim, config.loss, total_steps, processes,
                       autocast_dtype(config.dtype, processes.device))
-    position, tokens = (0, 0), 0
-    if latest:
-        state = load_trainer_state(latest)
-        trainer.load_state_dict(state["trainer"])
-        set_rng_state(state["rng"][processes.rank])
-        position, tokens = tuple(state["position"]), state["tokens"]
-    else:
-        seed_everything(derive_seed(config.seed, "rank", processes.rank))
+    position, tokens = resume(latest, processes, config.seed, {"trainer": trainer})
     processes.say(f"train: {describe(config)}; {total_steps} steps of {config.optim.grad_accum} x "
                   f"{config.batch_size} sequences x {processes.world_size} ranks"
                   + (f"; resuming after step {trainer.steps_done}" if latest else ""))
@@ -277,22 +263,15 @@ class Loop:
 
     def run(self, position: tuple[int, int], tokens: int) -> dict:
         """Steps from `position` (epoch, next batch) to the last step; the last step's record."""
-        trainer, record = self.trainer, {}
+        trainer = self.trainer
         walk = step_batches(self.reader, self.steps_in, self.config.optim.grad_accum, trainer.steps_done,
                             trainer.total_steps, position)
-        with contextlib.closing(walk), tqdm(total=trainer.total_steps, initial=trainer.steps_done, desc="train",
-                                            unit="step", dynamic_ncols=True, disable=self.processes.rank != 0) as bar:
-            start = time.perf_counter()  # a step's time counts its wait for batches, not evaluations or saves
-            for epoch, batches, position in walk:
-                result = trainer.step([self.with_teacher(batch) for batch in batches])
-                tokens += result["tokens"]
-                record = {"step": trainer.steps_done, "epoch": epoch, **result, "tokens": tokens,
-                          "tokens_per_s": result["tokens"] / (time.perf_counter() - start)}
-                self.after_step(record, position)
-                bar.update()
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                start = time.perf_counter()
-        return record
+
+        def step(batches: list[Batch]) -> dict:
+            return trainer.step([self.with_teacher(batch) for batch in batches])
+
+        return run_steps(walk, step, self.after_step, trainer, tokens, self.processes, "train",
+                         ("loss", "tokens_per_s"))
 
     def with_teacher(self, batch: Batch) -> Batch:
         batch = (self.teach(batch) if self.teach else batch).to(self.processes.device)
@@ -334,8 +313,5 @@ class Loop:
 
     def save(self, position: tuple[int, int], tokens: int) -> None:
         """A checkpoint of the step just taken (every rank calls this: the RNG states are gathered)."""
-        state = {"position": position, "tokens": tokens, "trainer": self.trainer.state_dict(),
-                 "rng": self.processes.gather(rng_state())}
-        if self.processes.rank == 0:
-            save_checkpoint(Path(self.config.output) / CHECKPOINTS, self.trainer.steps_done, self.trainer.model,
-                            self.tokenizer, state, self.config.keep_checkpoints)
+        save_run_checkpoint(Path(self.config.output) / CHECKPOINTS, self.processes, self.trainer.model,
+                            self.tokenizer, self.config.keep_checkpoints, {"trainer": self.trainer}, position, tokens)
