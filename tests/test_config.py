@@ -34,12 +34,21 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.inner.mode == "ka" and cfg.tags == ["a", "b"] and cfg.k_s == 7
 
 
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    """YAML 1.1 reads `3e-4` as a string; a float field takes it as the number it means."""
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("inner:\n  lam: 5e-2\n")
+    assert load_config(Outer, cfg_file, []).inner.lam == 0.05
+    assert load_config(Outer, None, ["inner.lam=3e-4"]).inner.lam == 3e-4
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
         ("stepz=3", "unknown config key stepz"),
         ("inner.lamb=1", "unknown config key inner.lamb"),
         ("steps=three", "steps must be an integer"),
+        ("inner.lam=high", "inner.lam must be a number"),
         ("inner.mode=all", "inner.mode must be one of"),
         ("overwrite=1", "overwrite must be true or false"),
         ("steps", "not of the form key=value"),
