@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-import torch
 from tqdm import tqdm
 
 from pipeline.cache_format import Manifest, encoding_spec, shard_lock, shard_path, write_shard
