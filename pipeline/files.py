@@ -23,6 +23,18 @@ from pipeline.errors import MoekdError
 TMP_SUFFIX = ".tmp"
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+# Some writers (safetensors) create files readable by their owner only; what
+# moekd commits gets the mode any new file gets here, so caches, teachers and
+# students can be shared.
+FILE_MODE = _file_mode()
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a rename in `directory` durable."""
     fd = os.open(directory, os.O_RDONLY)
@@ -46,6 +58,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as e:
@@ -156,6 +169,7 @@ def atomic_directory(path: Path):
             if file.is_file():
                 with open(file, "rb") as f:
                     os.fsync(f.fileno())
+                file.chmod(FILE_MODE)
         fsync_dir(tmp)
         os.rename(tmp, path)
         fsync_dir(path.parent)
