@@ -9,8 +9,13 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -175,3 +180,50 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+# ---------------------------------------------------------------- interrupted runs
+
+REPO = Path(__file__).resolve().parents[1]
+SUBPROCESS_ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def logged_steps(path: Path) -> list[int]:
+    """The steps of a metrics.jsonl being written (a half-written last line is skipped)."""
+    steps = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                steps.append(json.loads(line)["step"])
+            except json.JSONDecodeError:
+                pass
+    return steps
+
+
+def kill_and_rerun(command: Callable[[Path], list[str]], directory: Path, kill_after: int,
+                   absent_after_kill: tuple[str, ...] = ("final",)) -> int:
+    """Run `command(directory / "reference")` to its end and `command(directory / "run")` until it
+    has logged `kill_after` steps, SIGKILL the latter, then re-run it to its end.
+
+    Checks that the kill left steps to redo after the newest checkpoint and none
+    of `absent_after_kill`, and that the re-run resumed from that checkpoint;
+    returns its step.
+    """
+    run, popen = directory / "run", dict(env=SUBPROCESS_ENV, cwd=REPO)
+    reference = subprocess.Popen(command(directory / "reference"), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, **popen)
+    victim = subprocess.Popen(command(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    deadline = time.monotonic() + 240
+    while max(logged_steps(run / "metrics.jsonl"), default=0) < kill_after:
+        assert victim.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not any((run / name).exists() for name in absent_after_kill)
+    newest = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-????????"))
+    assert max(logged_steps(run / "metrics.jsonl")) > newest  # steps the resumed run must redo
+    resumed = subprocess.run(command(run), capture_output=True, text=True, timeout=300, **popen)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming after step {newest}" in resumed.stdout
+    assert reference.wait(timeout=300) == 0
+    return newest

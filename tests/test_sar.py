@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +37,9 @@ from pipeline.sar import (
 from pipeline.seeding import generator
 from pipeline.training import Distributed, Trainer, load_trainer_state
 from stages import cache, prepare, sar
-from test_train import logged_steps
 
-REPO = Path(__file__).resolve().parents[1]
+REPO, SUBPROCESS_ENV = fixtures.REPO, fixtures.SUBPROCESS_ENV
 PAD = 0  # <|endoftext|>, the fixture tokenizer's pad token
-SUBPROCESS_ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 FAST = RouterOptimConfig(lr=3e-2, warmup_steps=0, schedule="constant")
 COMPARED = ("loss", "ce", "kd", "grad_norm", "tokens", "router_loss", "kl", "balance", "router_grad_norm",
             "router_entropy", "topk_load", "router_prob")
@@ -330,25 +325,8 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_on_policy_run(tmp_path, teac
             "--sequences", "student", "--max-new-tokens", "8", "--max-steps", "40", "--save-every", "5",
             "--batch-size", "4", "--device", "cpu", "--dtype", "float32", "optim.lr=0.003", "optim.warmup_steps=5",
             "router.optim.lr=0.01"]
-    popen = functools.partial(subprocess.Popen, env=SUBPROCESS_ENV, cwd=REPO, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    reference = popen(cli_sar(tmp_path / "reference", *args))
-    victim = popen(cli_sar(tmp_path / "run", *args))
-    deadline = time.monotonic() + 240
-    while max(logged_steps(tmp_path / "run/metrics.jsonl"), default=0) < 12:
-        assert victim.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-        time.sleep(0.005)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert not (tmp_path / "run/final").exists() and not (tmp_path / "run/routers.safetensors").exists()
-    newest = max(int(p.name.split("-")[1]) for p in (tmp_path / "run/checkpoints").glob("step-????????"))
-    assert max(logged_steps(tmp_path / "run/metrics.jsonl")) > newest  # steps the resumed run must redo
-
-    resumed = subprocess.run(cli_sar(tmp_path / "run", *args), env=SUBPROCESS_ENV, cwd=REPO, capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming after step {newest}" in resumed.stdout
-    assert reference.wait(timeout=300) == 0
+    fixtures.kill_and_rerun(lambda output: cli_sar(output, *args), tmp_path, kill_after=12,
+                            absent_after_kill=("final", "routers.safetensors"))
     interrupted, uninterrupted = metrics(tmp_path / "run"), metrics(tmp_path / "reference")
     assert [m["step"] for m in interrupted] == list(range(1, 41))
     assert [{k: m[k] for k in COMPARED} for m in interrupted] == [{k: m[k] for k in COMPARED} for m in uninterrupted]

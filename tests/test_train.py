@@ -9,12 +9,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -33,11 +30,10 @@ from pipeline.routing import RoutingConfig
 from pipeline.training import Distributed, OptimConfig, Trainer
 from stages import cache, prepare, train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO, SUBPROCESS_ENV = fixtures.REPO, fixtures.SUBPROCESS_ENV
 KA = RoutingConfig(mode="ka", samples=2, lam=0.5)
 SHARD_SIZE = 32
 PAD = 0  # <|endoftext|>, the fixture tokenizer's pad token
-SUBPROCESS_ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 COMPARED = ("loss", "ce", "kd", "lr", "grad_norm", "tokens")
 
 
@@ -205,42 +201,13 @@ def cli_train(output: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", "train", str(output), *args]
 
 
-def logged_steps(path: Path) -> list[int]:
-    steps = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                steps.append(json.loads(line)["step"])
-            except json.JSONDecodeError:
-                pass  # a line being written
-    return steps
-
-
 def test_sigkill_then_rerun_gives_the_uninterrupted_run(tmp_path, ka_cache, tokenizer_dir):
     # Dropout makes the losses depend on the RNG states the checkpoints carry.
     student = fixtures.make_student(tmp_path / "student", tokenizer_dir, attention_dropout=0.2)
     args = ["--student", str(student), "--cache", str(ka_cache), "--max-steps", "100", "--save-every", "10",
             "--batch-size", "4", "--device", "cpu", "--dtype", "float32", "ka_samples=one", "optim.lr=0.003",
             "optim.warmup_steps=5"]
-    popen = functools.partial(subprocess.Popen, env=SUBPROCESS_ENV, cwd=REPO, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    reference = popen(cli_train(tmp_path / "reference", *args))
-    victim = popen(cli_train(tmp_path / "run", *args))
-    deadline = time.monotonic() + 240
-    while max(logged_steps(tmp_path / "run/metrics.jsonl"), default=0) < 25:
-        assert victim.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-        time.sleep(0.005)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert not (tmp_path / "run/final").exists()
-    newest = max(int(p.name.split("-")[1]) for p in (tmp_path / "run/checkpoints").glob("step-????????"))
-    assert max(logged_steps(tmp_path / "run/metrics.jsonl")) > newest  # steps the resumed run must redo
-
-    resumed = subprocess.run(cli_train(tmp_path / "run", *args), env=SUBPROCESS_ENV, cwd=REPO, capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming after step {newest}" in resumed.stdout
-    assert reference.wait(timeout=300) == 0
+    fixtures.kill_and_rerun(lambda output: cli_train(output, *args), tmp_path, kill_after=25)
     interrupted, uninterrupted = metrics(tmp_path / "run"), metrics(tmp_path / "reference")
     assert [m["step"] for m in interrupted] == list(range(1, 101))
     assert [{k: m[k] for k in COMPARED} for m in interrupted] == [{k: m[k] for k in COMPARED} for m in uninterrupted]
