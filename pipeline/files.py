@@ -156,8 +156,12 @@ class FileLock:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: Path):
-    """Yield a temporary directory to fill; then fsync its files and rename it to `path` (absent)."""
+def atomic_directory(path: Path, replace: bool = False):
+    """Yield a temporary directory to fill; then fsync its files and rename it to `path`.
+
+    `path` must be absent, unless `replace`: then an existing `path` is removed
+    only once the new directory is complete, so a failure keeps the old one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
@@ -171,6 +175,8 @@ def atomic_directory(path: Path):
                     os.fsync(f.fileno())
                 file.chmod(FILE_MODE)
         fsync_dir(tmp)
+        if replace and path.exists():
+            shutil.rmtree(path)
         os.rename(tmp, path)
         fsync_dir(path.parent)
     finally:

@@ -27,6 +27,7 @@ from typing import Callable
 
 from pipeline.errors import MoekdError
 from pipeline.files import atomic_directory, atomic_write_bytes, fsync_dir, sha256_file
+from pipeline.models import save_model
 from pipeline.seeding import derive_seed
 
 
@@ -139,9 +140,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings), dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    with atomic_directory(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    save_model(out_dir, model, tokenizer)
     return Path(out_dir)
 
 

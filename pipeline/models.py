@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from pipeline.config import config_hash
 from pipeline.errors import MoekdError
+from pipeline.files import atomic_directory, atomic_write_json
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -98,6 +99,17 @@ def load_model(
     except (OSError, ValueError) as e:
         raise MoekdError(f"cannot load a causal language model from {path}: {first_line(e)}") from None
     return model.eval()
+
+
+def save_model(directory: str | Path, model, tokenizer, reports: dict[str, dict] | None = None,
+               replace: bool = False) -> None:
+    """Write `model` and `tokenizer` (save_pretrained) and each of `reports` as a JSON file to `directory`,
+    which appears complete or not at all (`files.atomic_directory`; `replace` swaps out an existing one)."""
+    with atomic_directory(Path(directory), replace=replace) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, report in (reports or {}).items():
+            atomic_write_json(tmp / name, report)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

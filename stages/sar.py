@@ -49,9 +49,8 @@ import torch
 from pipeline.data import PreparedData
 from pipeline.errors import MoekdError
 from pipeline.evaluation import pad_token_id, stop_token_ids
-from pipeline.files import atomic_directory
 from pipeline.losses import LossConfig
-from pipeline.models import load_model, load_tokenizer, model_identity, resolve_dtype, tokenizer_fingerprint
+from pipeline.models import load_model, load_tokenizer, model_identity, resolve_dtype, save_model, tokenizer_fingerprint
 from pipeline.reader import Batch, PreparedShards, Reader, collate_examples
 from pipeline.routing import RoutingHooks
 from pipeline.sar import (
@@ -160,9 +159,7 @@ def sar(config: Config, processes: Distributed) -> dict:
         last = Loop(config, processes, reader, trainer, router_trainer, tokenizer, steps_in).run(position, tokens)
     if processes.rank == 0:
         save_routers(output / ROUTERS_FILE, routers, teacher_identity)
-        with atomic_directory(output / FINAL) as tmp:
-            student.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        save_model(output / FINAL, student, tokenizer)
         print(f"sar: {trainer.steps_done} steps done; the student is in {output / FINAL}, "
               f"the adapted routers in {output / ROUTERS_FILE}")
     return last

@@ -8,15 +8,13 @@ already holds this student it is reused; a different one is replaced only with
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import to_dict
 from pipeline.errors import MoekdError
-from pipeline.files import atomic_write_json, read_json
-from pipeline.files import atomic_directory
-from pipeline.models import load_model, load_tokenizer, model_identity
+from pipeline.files import read_json
+from pipeline.models import load_model, load_tokenizer, model_identity, save_model
 from pipeline.student_init import drop_layers
 
 REPORT = "student.json"
@@ -50,12 +48,8 @@ def run(config: Config) -> None:
         "parameters": sum(p.numel() for p in student.parameters()),
         "source_parameters": sum(p.numel() for p in source.parameters()),
     }
-    with atomic_directory(output) as tmp:
-        student.save_pretrained(tmp)
-        load_tokenizer(config.source).save_pretrained(tmp)
-        atomic_write_json(tmp / REPORT, report)
-        if output.exists():  # replaced only now: bad keep_layers or a failed save keep the old student
-            shutil.rmtree(output)
+    # An existing output is replaced only once the new student is saved: a failure keeps the old one.
+    save_model(output, student, load_tokenizer(config.source), {REPORT: report}, replace=True)
     print(
         f"student: layers {config.keep_layers} of {source.config.num_hidden_layers}, "
         f"{report['parameters'] / 1e6:.1f}M parameters (source {report['source_parameters'] / 1e6:.1f}M) -> {output}"

@@ -46,13 +46,13 @@ from pipeline.data import PreparedData
 from pipeline.errors import MoekdError
 from pipeline.evaluation import cache_kl, pad_token_id, response_loss
 from pipeline.losses import LossConfig
-from pipeline.models import load_model, load_tokenizer, resolve_dtype, tokenizer_fingerprint
+from pipeline.models import load_model, load_tokenizer, resolve_dtype, save_model, tokenizer_fingerprint
 from pipeline.reader import (
     Batch, CacheShards, PreparedShards, Reader, collate_examples, collate_records, one_sample_per_sequence,
 )
 from pipeline.routing import RoutingConfig, RoutingHooks
 from pipeline.training import (
-    CHECKPOINTS, FINAL, FINISHED, METRICS_FILE, Distributed, MetricsLog, OptimConfig, Trainer, atomic_directory,
+    CHECKPOINTS, FINAL, FINISHED, METRICS_FILE, Distributed, MetricsLog, OptimConfig, Trainer,
     autocast_dtype, open_run, resume, run_steps, save_run_checkpoint, start_output, step_batches, steps_in_epoch,
 )
 
@@ -151,9 +151,7 @@ def train(config: Config, processes: Distributed) -> dict:
         teach = online_teacher(config, model, pad_token_id(tokenizer), processes.device, stack) if config.teacher else None
         last = Loop(config, processes, reader, trainer, tokenizer, teach, steps_in).run(position, tokens)
     if processes.rank == 0:
-        with atomic_directory(output / FINAL) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        save_model(output / FINAL, model, tokenizer)
         print(f"train: {trainer.steps_done} steps done; the student is in {output / FINAL}")
     return last
 

@@ -10,7 +10,6 @@ timings); if it already holds this build it is reused.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +19,8 @@ import torch
 from pipeline.config import config_hash, to_dict
 from pipeline.data import RecordFields, Template, example_from_record, read_records
 from pipeline.errors import MoekdError
-from pipeline.files import atomic_write_json, read_json, sha256_file
-from pipeline.files import atomic_directory
-from pipeline.models import load_model, load_tokenizer, model_identity
+from pipeline.files import read_json, sha256_file
+from pipeline.models import load_model, load_tokenizer, model_identity, save_model
 from pipeline.upcycle import Layout, upcycle
 
 REPORT = "upcycle.json"
@@ -66,7 +64,6 @@ def run(config: Config) -> None:
     model, layers = upcycle(
         dense, calibration, config.layout, config.seed, config.router_steps, config.ridge, config.follow_dense
     )
-    built = time.time()
     report = {
         "identity": identity,
         "config": to_dict(config),
@@ -75,21 +72,16 @@ def run(config: Config) -> None:
         "active_fraction": active_fraction(config.layout, dense.config.intermediate_size),
         "mean_router_topk_overlap": mean(layers, "router_topk_overlap"),
         "mean_layer_relative_error": mean(layers, "dense_relative_error"),
-        "seconds": {"build": round(built - started, 1)},
+        "seconds": {"build": round(time.time() - started, 1)},
         "layers": layers,
     }
-    with atomic_directory(output) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        report["seconds"]["total"] = round(time.time() - started, 1)
-        atomic_write_json(tmp / REPORT, report)
-        if output.exists():  # replaced only now: a build or save that fails keeps the old teacher
-            shutil.rmtree(output)
+    # An existing output is replaced only once the new teacher is saved: a failure keeps the old one.
+    save_model(output, model, tokenizer, {REPORT: report}, replace=True)
     print(
         f"upcycle: {config.layout.num_experts} experts, top-{config.layout.top_k}, shared {config.layout.shared_size} "
         f"neurons ({100 * report['active_fraction']:.0f}% of the FFN active); router picks the top experts "
         f"{100 * report['mean_router_topk_overlap']:.0f}% of the time (chance "
-        f"{100 * config.layout.top_k / config.layout.num_experts:.0f}%); built in {report['seconds']['total']:.0f}s -> {output}"
+        f"{100 * config.layout.top_k / config.layout.num_experts:.0f}%); built in {report['seconds']['build']:.0f}s -> {output}"
     )
 
 

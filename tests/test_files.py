@@ -43,3 +43,17 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         raise RuntimeError("interrupted")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+
+def test_replace_swaps_a_directory_only_once_the_new_one_is_complete(tmp_path):
+    old = tmp_path / "teacher"
+    old.mkdir()
+    (old / "config.json").write_text("old")
+    with pytest.raises(RuntimeError), atomic_directory(old, replace=True) as tmp:
+        (tmp / "config.json").write_text("half")
+        raise RuntimeError("interrupted")
+    assert (old / "config.json").read_text() == "old"
+    with atomic_directory(old, replace=True) as tmp:
+        (tmp / "config.json").write_text("new")
+    assert [p.read_text() for p in old.iterdir()] == ["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher"]
