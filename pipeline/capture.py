@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pipeline.cache_format import TeacherRecord
-from pipeline.data import PreparedExample, collate, target_positions
+from pipeline.data import PreparedExample, padded, target_positions
 
 
 def response_hidden_states(model, input_ids, attention_mask, positions: list[np.ndarray]) -> torch.Tensor:
@@ -84,9 +84,7 @@ def capture_batch(
 ) -> list[TeacherRecord]:
     """Run the teacher over one batch, once per routing sample, and return one record per example."""
     device = next(model.parameters()).device
-    batch = collate(examples, pad_id)
-    input_ids = batch["input_ids"].to(device)
-    attention_mask = batch["attention_mask"].to(device)
+    input_ids, attention_mask = (t.to(device) for t in padded([e.input_ids for e in examples], pad_id))
     positions = [target_positions(e.response_mask) for e in examples]
     seq_ids = [e.seq_id for e in examples]
     hidden = []

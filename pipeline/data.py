@@ -360,17 +360,24 @@ def target_positions(response_mask: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.asarray(response_mask)[1:])
 
 
+def padded(sequences: list, pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of int sequences padded to the longest, on the right or the left."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        input_ids[i, cols] = torch.as_tensor(np.asarray(s, dtype=np.int64))
+        attention_mask[i, cols] = 1
+    return input_ids, attention_mask
+
+
 def collate(examples: list[PreparedExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask, labels (IGNORE_INDEX off the response), lengths."""
     lengths = torch.tensor([len(e.input_ids) for e in examples], dtype=torch.long)
-    shape = (len(examples), int(lengths.max()))
-    input_ids = torch.full(shape, pad_id, dtype=torch.long)
-    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros(shape, dtype=torch.long)
+    input_ids, attention_mask = padded([e.input_ids for e in examples], pad_id)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
     for i, e in enumerate(examples):
-        ids = torch.from_numpy(e.input_ids.astype(np.int64))
-        n = len(ids)
-        input_ids[i, :n] = ids
-        attention_mask[i, :n] = 1
-        labels[i, :n] = torch.where(torch.from_numpy(e.response_mask), ids, IGNORE_INDEX)
+        n = len(e.input_ids)
+        labels[i, :n] = torch.where(torch.from_numpy(e.response_mask), input_ids[i, :n], IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "lengths": lengths}

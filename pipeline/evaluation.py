@@ -37,9 +37,10 @@ from tqdm import tqdm
 
 from pipeline.cache_format import Manifest, TeacherRecord, read_shard
 from pipeline.capture import response_hidden_states, vocab_logprobs
-from pipeline.data import PreparedData, PreparedExample, Template, target_positions
+from pipeline.data import PreparedData, PreparedExample, Template, padded, target_positions
 from pipeline.errors import MoekdError
 from pipeline.losses import LossConfig, sparse_divergence
+from pipeline.models import pad_token_id
 from pipeline.seeding import generator
 
 CHUNK_TOKENS = 1024  # positions per vocabulary projection: bounds memory at CHUNK_TOKENS x vocab floats
@@ -64,22 +65,6 @@ def select_examples(data: PreparedData, max_examples: int | None = None) -> list
             rows = data.rows(int(start), int(stop))
             examples += [rows[i - start] for i in inside]
     return examples
-
-
-def pad_token_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def padded(sequences: list, pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of int sequences padded to the longest, on the right or the left."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        cols = slice(width - len(s), width) if left else slice(0, len(s))
-        input_ids[i, cols] = torch.as_tensor(np.asarray(s, dtype=np.int64))
-        attention_mask[i, cols] = 1
-    return input_ids, attention_mask
 
 
 def model_device(model) -> torch.device:

@@ -101,6 +101,11 @@ def load_model(
     return model.eval()
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that pads batches: the pad token, else eos (many causal LMs define no pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def save_model(directory: str | Path, model, tokenizer, reports: dict[str, dict] | None = None,
                replace: bool = False) -> None:
     """Write `model` and `tokenizer` (save_pretrained) and each of `reports` as a JSON file to `directory`,

@@ -37,8 +37,7 @@ import numpy as np
 import torch
 
 from pipeline.cache_format import Manifest, TeacherRecord, read_shard, read_shard_index
-from pipeline.data import PreparedData, PreparedExample, list_column, target_positions
-from pipeline.evaluation import padded
+from pipeline.data import PreparedData, PreparedExample, list_column, padded, target_positions
 from pipeline.seeding import derive_seed, generator
 
 

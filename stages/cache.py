@@ -33,7 +33,9 @@ from pipeline.data import PreparedData
 from pipeline.distributed import owned, worker_slot
 from pipeline.errors import MoekdError
 from pipeline.files import remove_stale_temporaries, sha256_file
-from pipeline.models import load_model, load_tokenizer, model_identity, resolve_device, resolve_dtype, tokenizer_fingerprint
+from pipeline.models import (
+    load_model, load_tokenizer, model_identity, pad_token_id, resolve_device, resolve_dtype, tokenizer_fingerprint,
+)
 from pipeline.routing import RoutingConfig, RoutingHooks
 from pipeline.sar import apply_routers
 
@@ -115,7 +117,7 @@ def run(config: Config) -> dict:
 
 def write_shards(config, data, model, routing, manifest, todo, num_samples, vocab_size, tokenizer) -> dict:
     """Compute and commit each shard in `todo`, skipping ones another process holds or finished."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     stats = {"shards": 0, "tokens": 0, "bytes": 0, "seconds": 0.0, "skipped_locked": 0}
     total_tokens = sum(shard_tokens(data, s, config.shard_size) for s in todo)
     start = time.perf_counter()

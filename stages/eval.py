@@ -30,11 +30,11 @@ from pipeline.config import config_hash, to_dict
 from pipeline.data import PreparedData
 from pipeline.errors import MoekdError
 from pipeline.evaluation import (
-    cache_kl, example_losses, generate, pad_token_id, rouge_l, select_examples, summarize, summarize_by_source,
+    cache_kl, example_losses, generate, rouge_l, select_examples, summarize, summarize_by_source,
 )
 from pipeline.files import atomic_write_bytes, atomic_write_json, read_json, remove_stale_temporaries
 from pipeline.models import (
-    first_line, load_model, load_tokenizer, local_dir, model_identity, resolve_device, resolve_dtype,
+    first_line, load_model, load_tokenizer, local_dir, model_identity, pad_token_id, resolve_device, resolve_dtype,
     tokenizer_fingerprint,
 )
 

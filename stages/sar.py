@@ -48,9 +48,11 @@ import torch
 
 from pipeline.data import PreparedData
 from pipeline.errors import MoekdError
-from pipeline.evaluation import pad_token_id, stop_token_ids
+from pipeline.evaluation import stop_token_ids
 from pipeline.losses import LossConfig
-from pipeline.models import load_model, load_tokenizer, model_identity, resolve_dtype, save_model, tokenizer_fingerprint
+from pipeline.models import (
+    load_model, load_tokenizer, model_identity, pad_token_id, resolve_dtype, save_model, tokenizer_fingerprint,
+)
 from pipeline.reader import Batch, PreparedShards, Reader, collate_examples
 from pipeline.routing import RoutingHooks
 from pipeline.sar import (

@@ -44,9 +44,9 @@ from pipeline.cache_format import Manifest, verify_cache
 from pipeline.capture import capture_batch
 from pipeline.data import PreparedData
 from pipeline.errors import MoekdError
-from pipeline.evaluation import cache_kl, pad_token_id, response_loss
+from pipeline.evaluation import cache_kl, response_loss
 from pipeline.losses import LossConfig
-from pipeline.models import load_model, load_tokenizer, resolve_dtype, save_model, tokenizer_fingerprint
+from pipeline.models import load_model, load_tokenizer, pad_token_id, resolve_dtype, save_model, tokenizer_fingerprint
 from pipeline.reader import (
     Batch, CacheShards, PreparedShards, Reader, collate_examples, collate_records, one_sample_per_sequence,
 )
