@@ -325,6 +325,14 @@ class PreparedData:
     def __len__(self) -> int:
         return int(self.group_starts[-1])
 
+    def target_counts(self) -> np.ndarray:
+        """Training targets T per row (response_mask[1:] set), reading only that column."""
+        counts = []
+        for group in range(self.file.num_row_groups):
+            masks = list_column(self.file.read_row_group(group, ["response_mask"]), "response_mask")
+            counts += [int(mask[1:].sum()) for mask in masks]
+        return np.array(counts, dtype=np.int64)
+
     def rows(self, start: int, stop: int) -> list[PreparedExample]:
         """Examples with seq_id in [start, stop) (stop is clipped to the end)."""
         stop = min(stop, len(self))

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from pipeline.cache_format import Manifest, TeacherRecord, read_shard, read_shard_index
-from pipeline.data import PreparedData, PreparedExample, list_column, padded, target_positions
+from pipeline.data import PreparedData, PreparedExample, padded, target_positions
 from pipeline.seeding import derive_seed, generator
 
 
@@ -140,7 +140,7 @@ class PreparedShards:
 
     def __init__(self, data: PreparedData, shard_size: int):
         self.data, self.shard_size = data, shard_size
-        self.counts = target_counts(data)
+        self.counts = data.target_counts()
 
     def __len__(self) -> int:
         return -(-len(self.data) // self.shard_size)
@@ -152,15 +152,6 @@ class PreparedShards:
 
     def read(self, shard: int) -> list[PreparedExample]:
         return self.data.rows(shard * self.shard_size, (shard + 1) * self.shard_size)
-
-
-def target_counts(data: PreparedData) -> np.ndarray:
-    """Training targets T per prepared row (response_mask[1:] set), reading only that column."""
-    counts = []
-    for group in range(data.file.num_row_groups):
-        masks = list_column(data.file.read_row_group(group, ["response_mask"]), "response_mask")
-        counts += [int(mask[1:].sum()) for mask in masks]
-    return np.array(counts, dtype=np.int64)
 
 
 # ---------------------------------------------------------------- the reader

@@ -119,7 +119,8 @@ def write_shards(config, data, model, routing, manifest, todo, num_samples, voca
     """Compute and commit each shard in `todo`, skipping ones another process holds or finished."""
     pad_id = pad_token_id(tokenizer)
     stats = {"shards": 0, "tokens": 0, "bytes": 0, "seconds": 0.0, "skipped_locked": 0}
-    total_tokens = sum(shard_tokens(data, s, config.shard_size) for s in todo)
+    counts = data.target_counts()
+    total_tokens = sum(int(counts[s * config.shard_size : (s + 1) * config.shard_size].sum()) for s in todo)
     start = time.perf_counter()
     with tqdm(total=total_tokens, unit="tok", desc="teacher", dynamic_ncols=True) as bar:
         for index in todo:
@@ -147,11 +148,6 @@ def write_shards(config, data, model, routing, manifest, todo, num_samples, voca
             bar.set_postfix(tok_s=f"{stats['tokens'] / (time.perf_counter() - start):.0f}")
     stats["seconds"] = time.perf_counter() - start
     return stats
-
-
-def shard_tokens(data: PreparedData, index: int, shard_size: int) -> int:
-    rows = data.rows(index * shard_size, (index + 1) * shard_size)
-    return sum(int(e.response_mask[1:].sum()) for e in rows)
 
 
 def teacher_records(config, data, model, routing, index, num_samples, pad_id, bar) -> list:
