@@ -8,7 +8,7 @@ function takes a loaded model in eval mode and runs without gradients.
   perplexity is its exp. Summed per example, so any grouping (per source,
   per split, overall) is token-weighted.
 - KL: mean over the cache's stored positions of (1/M) Σ_m KL(p^(m) ‖ q), the
-  sparse top-k + tail-bucket forward KL of `losses.sparse_divergence` with the
+  sparse top-k + tail-bucket forward KL of `losses.sample_mean_divergence` with the
   default `LossConfig` (the D of default KD training). It is not exactly 0 for
   the teacher itself: float16 log-probs leave the teacher a small tail residue.
 - Generation: the prompt is `input_ids[:prompt_length]`; batches are left
@@ -39,7 +39,7 @@ from pipeline.cache_format import Manifest, TeacherRecord, read_shard
 from pipeline.capture import response_hidden_states, vocab_logprobs
 from pipeline.data import PreparedData, PreparedExample, Template, padded, target_positions
 from pipeline.errors import MoekdError
-from pipeline.losses import LossConfig, sparse_divergence
+from pipeline.losses import LossConfig, sample_mean_divergence
 from pipeline.models import pad_token_id
 from pipeline.seeding import generator
 
@@ -177,14 +177,12 @@ def batch_kl_sum(model, records: list[TeacherRecord], pad_id: int) -> float:
     hidden = hidden_at(model, [r.input_ids for r in records], positions, pad_id)
     teacher_ids = torch.from_numpy(np.concatenate([r.topk_ids for r in records], axis=1)).to(hidden.device)
     teacher_logprobs = torch.from_numpy(np.concatenate([r.topk_logprobs for r in records], axis=1)).to(hidden.device)
-    config = LossConfig()
     total = 0.0
     for s in range(0, len(hidden), CHUNK_TOKENS):
         chunk = slice(s, s + CHUNK_TOKENS)
         student = vocab_logprobs(model, hidden[chunk])
-        per_sample = [sparse_divergence(student, ids[chunk], lps[chunk], config)
-                      for ids, lps in zip(teacher_ids, teacher_logprobs)]
-        total += torch.stack(per_sample).mean(0).sum().item()
+        total += sample_mean_divergence(student, teacher_ids[:, chunk], teacher_logprobs[:, chunk],
+                                        LossConfig()).sum().item()
     return total
 
 

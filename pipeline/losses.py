@@ -187,6 +187,22 @@ def dense_divergence(student_logprobs: Tensor, teacher_logprobs: Tensor, config:
     return divergence(teacher_logprobs.to(student_logprobs.dtype), student_logprobs, config)
 
 
+def sample_mean_divergence(
+    student_logprobs: Tensor, teacher_ids: Tensor | None, teacher_logprobs: Tensor, config: LossConfig
+) -> Tensor:
+    """Per-token D averaged over the M teacher samples, (1/M) Σ_m D(p^(m), q) (KA): (N,).
+
+    Sparse with teacher_ids and teacher_logprobs (M, N, k); dense with
+    teacher_ids None and teacher_logprobs (M, N, V).
+    """
+    if teacher_ids is None:
+        per_sample = [dense_divergence(student_logprobs, lp, config) for lp in teacher_logprobs]
+    else:
+        per_sample = [sparse_divergence(student_logprobs, ids, lp, config)
+                      for ids, lp in zip(teacher_ids, teacher_logprobs)]
+    return torch.stack(per_sample).mean(0)
+
+
 @dataclass
 class LossSums:
     """Loss SUMS over tokens, so callers can normalise by a global (all-rank) token count."""
@@ -214,13 +230,7 @@ def chunk_losses(
     ce = F.nll_loss(logprobs, targets, reduction="sum")
     if teacher_logprobs is None:
         return ce, torch.zeros_like(ce)
-    if teacher_ids is None:
-        per_sample = [dense_divergence(logprobs, lp, config) for lp in teacher_logprobs]
-    else:
-        per_sample = [
-            sparse_divergence(logprobs, ids, lp, config) for ids, lp in zip(teacher_ids, teacher_logprobs)
-        ]
-    return ce, torch.stack(per_sample).mean(0).sum()
+    return ce, sample_mean_divergence(logprobs, teacher_ids, teacher_logprobs, config).sum()
 
 
 def distillation_loss(
