@@ -9,7 +9,6 @@ error rather than a silently ignored setting.
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import hashlib
 import json

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -38,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pipeline.config import to_dict
+from pipeline.distributed import worker_slot
 from pipeline.errors import MoekdError
 from pipeline.files import (
     atomic_directory, atomic_write_bytes, atomic_write_json, read_json, remove_stale_directories,
@@ -116,8 +116,7 @@ class Distributed:
     """
 
     def __init__(self, device: str = "auto"):
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank, self.world_size = worker_slot()
         self.device = resolve_device(device)
         if self.world_size > 1 and not dist.is_initialized():
             if self.device.type == "cuda":
