@@ -21,6 +21,7 @@ Shared by `moekd train` and `moekd sar`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import re
@@ -398,6 +399,12 @@ def steps_in_epoch(reader: Reader, epoch: int, grad_accum: int) -> int:
         raise MoekdError(f"epoch {epoch} holds fewer than optim.grad_accum={grad_accum} batches of "
                          f"batch_size={reader.batch_size} per rank: use smaller batches or fewer ranks")
     return steps
+
+
+def step_plan(reader: Reader, grad_accum: int, max_steps: int | None, epochs: int) -> tuple[Callable[[int], int], int]:
+    """(optimizer steps in epoch e, cached; the run's total steps: `max_steps`, else `epochs` whole epochs)."""
+    steps_in = functools.cache(lambda epoch: steps_in_epoch(reader, epoch, grad_accum))
+    return steps_in, max_steps or sum(steps_in(epoch) for epoch in range(epochs))
 
 
 def step_batches(reader: Reader, steps_in: Callable[[int], int], grad_accum: int, steps_done: int,

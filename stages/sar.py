@@ -61,7 +61,7 @@ from pipeline.sar import (
 )
 from pipeline.training import (
     CHECKPOINTS, FINAL, FINISHED, METRICS_FILE, Distributed, MetricsLog, OptimConfig, Trainer, autocast_dtype,
-    open_run, resume, run_steps, save_run_checkpoint, start_output, step_batches, steps_in_epoch,
+    open_run, resume, run_steps, save_run_checkpoint, start_output, step_batches, step_plan,
 )
 
 ROUTERS_FILE = "routers.safetensors"
@@ -148,8 +148,7 @@ def sar(config: Config, processes: Distributed) -> dict:
                         shuffle_shards=config.shuffle_shards, seed=config.seed,
                         collate=functools.partial(collate_examples, pad_id=pad_token_id(tokenizer)),
                         rank=processes.rank, world_size=processes.world_size, prefetch=config.prefetch)
-        steps_in = functools.cache(lambda epoch: steps_in_epoch(reader, epoch, config.optim.grad_accum))
-        total_steps = config.max_steps or sum(steps_in(epoch) for epoch in range(config.epochs))
+        steps_in, total_steps = step_plan(reader, config.optim.grad_accum, config.max_steps, config.epochs)
         trainer = Trainer(student, config.optim, config.loss, total_steps, processes, autocast)
         router_trainer = RouterTrainer(teacher, routing, routers, config.router, total_steps, processes, autocast)
         position, tokens = resume(latest, processes, config.seed, {"trainer": trainer, "router": router_trainer})

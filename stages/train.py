@@ -53,7 +53,7 @@ from pipeline.reader import (
 from pipeline.routing import RoutingConfig, RoutingHooks
 from pipeline.training import (
     CHECKPOINTS, FINAL, FINISHED, METRICS_FILE, Distributed, MetricsLog, OptimConfig, Trainer,
-    autocast_dtype, open_run, resume, run_steps, save_run_checkpoint, start_output, step_batches, steps_in_epoch,
+    autocast_dtype, open_run, resume, run_steps, save_run_checkpoint, start_output, step_batches, step_plan,
 )
 
 # Settings that change neither the losses nor the weights: a run may resume with other values.
@@ -139,8 +139,7 @@ def train(config: Config, processes: Distributed) -> dict:
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     reader = make_reader(config, processes, pad_token_id(tokenizer))
-    steps_in = functools.cache(lambda epoch: steps_in_epoch(reader, epoch, config.optim.grad_accum))
-    total_steps = config.max_steps or sum(steps_in(epoch) for epoch in range(config.epochs))
+    steps_in, total_steps = step_plan(reader, config.optim.grad_accum, config.max_steps, config.epochs)
     trainer = Trainer(model, config.optim, config.loss, total_steps, processes,
                       autocast_dtype(config.dtype, processes.device))
     position, tokens = resume(latest, processes, config.seed, {"trainer": trainer})
