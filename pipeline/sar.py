@@ -53,7 +53,7 @@ from pipeline.models import model_identity
 from pipeline.reader import Batch
 from pipeline.routing import Router, RoutingConfig, RoutingHooks, load_balancing_loss, top_experts
 from pipeline.seeding import generator
-from pipeline.training import Distributed, OptimConfig, learning_rate, make_optimizer
+from pipeline.training import Distributed, OptimConfig, begin_step, make_optimizer
 
 ROUTERS_FORMAT = "moekd-routers"
 ROUTERS_VERSION = "1"
@@ -240,11 +240,9 @@ class RouterTrainer:
 
     def step(self, batches: list[Batch], student_logprobs: list[Tensor]) -> dict:
         """Update the routers on the batches, given the student's (detached) log-probs at their targets."""
-        lr = learning_rate(self.steps_done, self.config.optim, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr, tokens = begin_step(self.optimizer, self.config.optim, self.steps_done, self.total_steps, batches,
+                                self.processes)
         device = batches[0].input_ids.device
-        tokens = int(self.processes.sum(torch.tensor(sum(b.tokens for b in batches), device=device)).item())
         parts = len(batches) * self.processes.world_size
         sums = torch.zeros(4, device=device)  # Σ D_r, Σ KL (over tokens), Σ L_balance (micro-batches), real tokens
         stats = []  # router_statistics per micro-batch

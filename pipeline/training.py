@@ -100,6 +100,16 @@ def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
 
 
+def begin_step(optimizer: torch.optim.Optimizer, config: OptimConfig, steps_done: int, total_steps: int,
+               batches: list[Batch], processes: Distributed) -> tuple[float, int]:
+    """Set the learning rate of step `steps_done`; (that rate, target tokens of the whole step on all ranks)."""
+    lr = learning_rate(steps_done, config, total_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    local = torch.tensor(sum(b.tokens for b in batches), device=batches[0].input_ids.device)
+    return lr, int(processes.sum(local).item())
+
+
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for `dtype` = auto (bfloat16 on CUDA, none elsewhere), bfloat16 or float32 (none)."""
     if dtype == "auto":
@@ -207,11 +217,8 @@ class Trainer:
 
     def step(self, batches: list[Batch]) -> dict:
         """Accumulate the micro-batches' gradients, clip, update; the step's metrics (all ranks)."""
-        lr = learning_rate(self.steps_done, self.optim, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr, tokens = begin_step(self.optimizer, self.optim, self.steps_done, self.total_steps, batches, self.processes)
         device = batches[0].input_ids.device
-        tokens = int(self.processes.sum(torch.tensor(sum(b.tokens for b in batches), device=device)).item())
         # DDP averages gradients over ranks; the loss is a sum over all ranks' tokens.
         normalizer = max(tokens, 1) / self.processes.world_size
         sums = torch.zeros(2, device=device)
