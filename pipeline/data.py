@@ -11,7 +11,7 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -231,10 +231,32 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
+Truncation = Literal["left", "skip"]
+
+
+def fit_length(ids: list[int], prompt_length: int, max_length: int, truncation: Truncation) -> tuple[list[int], int] | str:
+    """(ids, prompt length) cut to `max_length` tokens, or the reason the example is skipped.
+
+    `left` keeps the response and the end of the prompt: the prompt loses its
+    first tokens, keeping at least min(its length, max_length // 2), and only a
+    response too long for the rest is cut on the right. `skip` cuts on the
+    right and skips an example whose prompt alone fills `max_length`.
+    """
+    if len(ids) <= max_length:
+        return ids, prompt_length
+    if truncation == "skip":
+        return (ids[:max_length], prompt_length) if prompt_length < max_length else "prompt_too_long"
+    response_length = len(ids) - prompt_length
+    keep = min(prompt_length, max(max_length - response_length, max_length // 2))
+    return ids[prompt_length - keep : prompt_length - keep + max_length], keep
+
+
 def example_from_record(
-    record: dict, fields: RecordFields, template: Template, max_length: int, default_source: str
+    record: dict, fields: RecordFields, template: Template, max_length: int, default_source: str,
+    truncation: Truncation = "left",
 ) -> dict | str:
-    """A prepared row (SCHEMA's columns) from one record, or the reason it is skipped."""
+    """A prepared row (SCHEMA's columns, and "cut": what truncation removed) from one record, or the reason
+    it is skipped (`fit_length`)."""
     instruction, response = record.get(fields.instruction), record.get(fields.response)
     if instruction is None or response is None:  # absent, or null in a table
         return "missing_field"
@@ -249,17 +271,45 @@ def example_from_record(
         return "not_string"
     if not instruction.strip() or not response.strip():
         return "empty_field"
-    ids, prompt_length = template.encode(instruction, context, response)
-    ids = ids[:max_length]
-    if prompt_length >= len(ids):
-        return "prompt_too_long"
+    full_ids, full_prompt_length = template.encode(instruction, context, response)
+    fitted = fit_length(full_ids, full_prompt_length, max_length, truncation)
+    if isinstance(fitted, str):
+        return fitted
+    ids, prompt_length = fitted
+    cut = {"prompt_truncated": prompt_length < full_prompt_length,
+           "response_truncated": len(ids) - prompt_length < len(full_ids) - full_prompt_length}
     return {
+        "cut": [reason for reason, happened in cut.items() if happened],  # not stored: counted by `prepare`
         "input_ids": ids,
         "response_mask": [t >= prompt_length for t in range(len(ids))],
         "prompt_length": prompt_length,
         "references": [response] + [r for r in references if r != response],
         "source": source,
     }
+
+
+def calibration_ids(path: Path, tokenizer, tokens: int, sequence_length: int) -> torch.Tensor:
+    """(B, sequence_length) token ids: instruction records of `path` in file order, chat-formatted and
+    packed end to end, at most `tokens` in all (what upcycling and width pruning measure activations on)."""
+    if tokens < sequence_length:
+        raise MoekdError(f"calibration_tokens {tokens} is less than sequence_length {sequence_length}: "
+                         "not even one calibration sequence")
+    if not Path(path).is_file():
+        raise MoekdError(f"calibration data not found: {path}")
+    template = Template(tokenizer, "chat")
+    fields = RecordFields("instruction", "context", "response", "references", "source")
+    ids: list[int] = []
+    for record in read_records(Path(path)):
+        example = example_from_record(record, fields, template, 1 << 30, "") if isinstance(record, dict) else record
+        if isinstance(example, dict):  # a string is the reason a record is unusable: skip it
+            ids += example["input_ids"]
+        if len(ids) >= tokens:
+            break
+    rows = min(len(ids), tokens) // sequence_length
+    if rows < 1:
+        raise MoekdError(f"calibration data {path} holds {len(ids)} tokens, fewer than one sequence of "
+                         f"{sequence_length}")
+    return torch.tensor(ids[: rows * sequence_length]).view(rows, sequence_length)
 
 
 def write_prepared_data(path: Path, rows: Iterable[dict]) -> None:

@@ -2,9 +2,12 @@
 
 Reads JSONL / JSON / Parquet files (or anything `datasets` reads locally: CSV,
 a directory of data files, a `save_to_disk` directory), renders each record
-with the prompt template, tokenizes, right-truncates to max_length, and writes
+with the prompt template, tokenizes, fits each example into max_length tokens
+(`truncation`: by default the prompt loses its first tokens, so the response
+and the end of the prompt stay; see `data.fit_length`), and writes
 data.parquet then meta.json. Unusable records are skipped and counted by
-reason. Re-running with the same inputs and settings is a no-op.
+reason; truncated ones are counted too. Re-running with the same inputs and
+settings is a no-op.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from tqdm import tqdm
 
 from pipeline.config import config_hash, to_dict
 from pipeline.data import (
-    DATA_FILE, FORMAT, META_FILE, VERSION, RecordFields, Template, example_from_record, read_records,
-    write_prepared_data,
+    DATA_FILE, FORMAT, META_FILE, VERSION, RecordFields, Template, Truncation, example_from_record,
+    read_records, write_prepared_data,
 )
 from pipeline.errors import MoekdError
 from pipeline.files import atomic_write_json, read_json, remove_stale_temporaries, sha256_file
@@ -39,6 +42,7 @@ class Config:
     source_field: str = "source"  # optional; defaults to the input's file stem
     template: str = "chat"  # "chat", or a format string of {instruction} and {context}
     max_length: int = 512
+    truncation: Truncation = "left"  # over-long examples: left = drop the prompt's start; skip = drop the example
     limit: int | None = None  # stop after this many prepared rows
     overwrite: bool = False
 
@@ -71,12 +75,13 @@ def run(config: Config) -> None:
         "tokens": counts["tokens"],
         "response_tokens": counts["response_tokens"],
         "skipped": dict(skipped),
+        "truncated": {reason: counts[reason] for reason in ("prompt_truncated", "response_truncated")},
         "config": to_dict(config),
     }
     atomic_write_json(output / META_FILE, meta)
     print(
         f"prepare: {meta['rows']} rows, {meta['tokens']} tokens, {meta['response_tokens']} response tokens "
-        f"-> {output}; skipped: {describe(skipped)}"
+        f"-> {output}; truncated: {describe(meta['truncated'])}; skipped: {describe(skipped)}"
     )
 
 
@@ -128,6 +133,7 @@ def prepared_fingerprint(config: Config, inputs: list[Path], tokenizer_fp: str, 
         "inputs": [[path.stem, input_hash(path)] for path in inputs],
         "template": template_text,
         "max_length": config.max_length,
+        "truncation": config.truncation,
         "fields": [config.instruction_field, config.context_field, config.response_field,
                    config.references_field, config.source_field],
         "limit": config.limit,
@@ -143,11 +149,12 @@ def examples(config: Config, inputs: list[Path], template: Template, counts, ski
     for path in inputs:
         for record in read_records(path):
             row = record if isinstance(record, str) else example_from_record(
-                record, fields, template, config.max_length, path.stem
+                record, fields, template, config.max_length, path.stem, config.truncation
             )
             if isinstance(row, str):
                 skipped[row] += 1
                 continue
+            counts.update(row.pop("cut"))
             counts["rows"] += 1
             counts["tokens"] += len(row["input_ids"])
             counts["response_tokens"] += len(row["input_ids"]) - row["prompt_length"]
@@ -161,5 +168,5 @@ def examples(config: Config, inputs: list[Path], template: Template, counts, ski
         )
 
 
-def describe(skipped: collections.Counter) -> str:
-    return ", ".join(f"{reason}={n}" for reason, n in sorted(skipped.items())) or "none"
+def describe(counts: dict) -> str:
+    return ", ".join(f"{reason}={n}" for reason, n in sorted(counts.items()) if n) or "none"

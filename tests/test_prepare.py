@@ -182,19 +182,46 @@ def test_custom_fields_references_and_source(tmp_path, tokenizer_dir, tokenizer)
     )
 
 
-def test_truncation_and_prompt_too_long(tmp_path, tokenizer_dir, records):
+def test_skip_truncation_cuts_on_the_right_and_skips_long_prompts(tmp_path, tokenizer_dir, records):
     path = fixtures.write_jsonl(tmp_path / "d.jsonl", records)
     full = all_rows(prepare([path], tmp_path / "full", tokenizer_dir))
     max_length = 38
     expected = [r for r in full if r.prompt_length < max_length]
     assert 0 < len(expected) < len(full)  # the data exercises both outcomes
     assert any(len(r.input_ids) > max_length for r in expected)
-    cut = prepare([path], tmp_path / "cut", tokenizer_dir, max_length=max_length)
+    cut = prepare([path], tmp_path / "cut", tokenizer_dir, max_length=max_length, truncation="skip")
     assert cut.meta["skipped"] == {"prompt_too_long": len(full) - len(expected)}
+    assert cut.meta["truncated"]["prompt_truncated"] == 0
     for row, whole in zip(all_rows(cut), expected):
         assert row.input_ids.tolist() == whole.input_ids[:max_length].tolist()
         assert row.response_mask.tolist() == whole.response_mask[:max_length].tolist()
         assert row.prompt_length == whole.prompt_length
+
+
+def test_left_truncation_keeps_every_response_and_the_end_of_its_prompt(tmp_path, tokenizer_dir, records):
+    long_records = [dict(r, context=" ".join([r["context"]] * 4)) for r in records]  # prompts beyond max_length
+    long_records[0]["response"] = " ".join(["word"] * 40)  # a response longer than max_length itself
+    path = fixtures.write_jsonl(tmp_path / "d.jsonl", long_records)
+    full = all_rows(prepare([path], tmp_path / "full", tokenizer_dir))
+    max_length = 38
+    cut = prepare([path], tmp_path / "cut", tokenizer_dir, max_length=max_length)
+    assert len(cut) == len(full) and cut.meta["skipped"] == {}  # nothing lost
+    prompts_cut = responses_cut = 0
+    for row, whole in zip(all_rows(cut), full):
+        assert len(row.input_ids) == min(len(whole.input_ids), max_length)
+        prompt, response = whole.input_ids[: whole.prompt_length], whole.input_ids[whole.prompt_length :]
+        kept_prompt, kept_response = row.input_ids[: row.prompt_length], row.input_ids[row.prompt_length :]
+        assert prompt.tolist()[len(prompt) - len(kept_prompt) :] == kept_prompt.tolist()  # the prompt's end
+        assert response.tolist()[: len(kept_response)] == kept_response.tolist()
+        assert row.response_mask.tolist() == [i >= row.prompt_length for i in range(len(row.input_ids))]
+        if len(kept_response) < len(response):  # only a response that cannot fit beside half a prompt is cut
+            assert row.prompt_length == max_length // 2
+            responses_cut += 1
+        elif len(whole.input_ids) > max_length:
+            assert len(kept_response) == len(response)
+            prompts_cut += 1
+    assert responses_cut == 1 and prompts_cut > len(full) // 2
+    assert cut.meta["truncated"] == {"prompt_truncated": prompts_cut + responses_cut, "response_truncated": 1}
 
 
 def test_bad_records_are_skipped_and_counted(tmp_path, tokenizer_dir, records, capsys):
@@ -250,6 +277,7 @@ def test_fingerprint_covers_tokenizer_template_length_data_and_limit(
         fingerprint("tokenizer", tok=plain_tokenizer_dir),
         fingerprint("template", template="{instruction}\n{context}\n"),
         fingerprint("length", max_length=100),
+        fingerprint("truncation", truncation="skip"),
         fingerprint("data", inputs=(edited_path,)),
         fingerprint("limit", limit=5),
         fingerprint("fields", source_field="task"),
