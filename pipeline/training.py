@@ -97,7 +97,10 @@ def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+    # The fused kernel (CPU and CUDA) is several times faster than the per-tensor loop: on 2 CPU cores it
+    # took an 81M student's optimizer step from 0.5 s to 0.06 s (a sixth of the whole step).
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), fused=fused or None)
 
 
 def begin_step(optimizer: torch.optim.Optimizer, config: OptimConfig, steps_done: int, total_steps: int,
