@@ -31,6 +31,7 @@ VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch
 FULL_HASH_BYTES = 256 << 20
 SAMPLES = 16
 SAMPLE_BYTES = 64 << 10
+TENSOR_SAMPLE_BYTES = 4 << 10
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -153,9 +154,16 @@ def file_fingerprint(path: Path, full_hash_below: int) -> str:
             return h.hexdigest()
         if path.suffix == ".safetensors":
             # An 8-byte little-endian length, then a JSON header of every tensor's
-            # name, dtype, shape and byte offsets.
+            # name, dtype, shape and byte offsets (relative to the end of the header).
             header_length = int.from_bytes(f.read(8), "little")
-            h.update(f.read(header_length))
+            header = f.read(header_length)
+            h.update(header)
+            for name, entry in sorted(json.loads(header).items()):
+                if name != "__metadata__":  # the first and last bytes of every tensor
+                    begin, end = (8 + header_length + offset for offset in entry["data_offsets"])
+                    for start in (begin, max(end - TENSOR_SAMPLE_BYTES, begin)):
+                        f.seek(start)
+                        h.update(f.read(min(TENSOR_SAMPLE_BYTES, end - start)))
         for i in range(SAMPLES):
             f.seek(max(size - SAMPLE_BYTES, 0) * i // (SAMPLES - 1))
             h.update(f.read(SAMPLE_BYTES))
@@ -168,11 +176,13 @@ def weights_fingerprint(directory: str | Path, full_hash_below: int = FULL_HASH_
     Covers, for each weight file (`weight_files`): its name and size, and
       - files up to `full_hash_below` bytes (256 MiB): every byte;
       - larger files: the safetensors header (names, dtypes, shapes, offsets of
-        every tensor) and SAMPLES ranges of SAMPLE_BYTES evenly spaced from the
-        first byte to the last: about 1 MiB read per file, however large.
+        every tensor), the first and last TENSOR_SAMPLE_BYTES (4 KiB) of every
+        tensor, and SAMPLES ranges of SAMPLE_BYTES evenly spaced from the first
+        byte to the last: about 1 MiB plus 8 KiB per tensor read per file.
     So a change to a large file that keeps its size and touches no sampled range
     goes unnoticed; a different dtype, shape, tensor set or size is always seen,
-    and training that moves all weights is seen through the samples.
+    and so is a change to any tensor's first or last values (training, pruning
+    or refitting a tensor moves them).
     """
     directory = Path(directory)
     files = weight_files(directory)

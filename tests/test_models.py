@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, T5Config
 
@@ -119,6 +120,14 @@ def test_weights_fingerprint_of_large_files_samples_header_and_ranges(tmp_path, 
     data[-1] ^= 0xFF  # the last sampled range ends at the last byte
     weights.write_bytes(bytes(data))
     assert weights_fingerprint(path, full_hash_below=0) != sampled
+    # Every tensor is sampled: a change to one small tensor in the middle of the file is seen.
+    before = weights_fingerprint(path, full_hash_below=0)
+    with safe_open(weights, "pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    name = sorted(tensors)[len(tensors) // 2]
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, weights)
+    assert weights_fingerprint(path, full_hash_below=0) != before
     (path / "model.safetensors").unlink()
     with pytest.raises(MoekdError, match="holds no \\*.safetensors or \\*.bin weight files"):
         weights_fingerprint(path)
