@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.errors import MoekdError
+from pipeline.fitting import ridge_toward
 
 
 @dataclass
@@ -283,8 +284,7 @@ def refit_down(x, mlp, shared, experts, logits, top_k, target, fit_ids, ridge):
         z = routed_features(x[ids], mlp, shared, experts, logits[ids], top_k)
         gram += z.T @ z
         cross += z.T @ target[ids]
-    scale = ridge * gram.diagonal().mean()
-    solved = torch.linalg.solve(gram + scale * torch.eye(len(gram)), cross + scale * initial).T
+    solved = ridge_toward(gram, cross, initial, ridge).T
     s = len(shared)
     return solved[:, :s], solved[:, s:].reshape(-1, experts.shape[0], experts.shape[1]).permute(1, 0, 2)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import config_hash, to_dict
-from pipeline.data import RecordFields, Template, example_from_record, read_records
+from pipeline.data import calibration_ids
 from pipeline.errors import MoekdError
 from pipeline.files import read_json, sha256_file
 from pipeline.models import load_model, load_tokenizer, model_identity, save_model
@@ -60,7 +60,8 @@ def run(config: Config) -> None:
             )
     started = time.time()
     tokenizer = load_tokenizer(config.source)
-    calibration = calibration_batch(config, tokenizer)
+    calibration = calibration_ids(Path(config.calibration), tokenizer, config.calibration_tokens,
+                                  config.sequence_length)
     model, layers = upcycle(
         dense, calibration, config.layout, config.seed, config.router_steps, config.ridge, config.follow_dense
     )
@@ -95,31 +96,6 @@ def build_identity(config: Config, source) -> dict:
         "calibration_sha256": sha256_file(Path(config.calibration)),
         "settings_hash": config_hash(settings),
     }
-
-
-def calibration_batch(config: Config, tokenizer) -> torch.Tensor:
-    """(B, sequence_length) token ids: the calibration records in file order, chat-formatted and packed."""
-    if config.calibration_tokens < config.sequence_length:
-        raise MoekdError(
-            f"calibration_tokens {config.calibration_tokens} is less than sequence_length "
-            f"{config.sequence_length}: not even one calibration sequence"
-        )
-    template = Template(tokenizer, "chat")
-    fields = RecordFields("instruction", "context", "response", "references", "source")
-    ids: list[int] = []
-    for record in read_records(Path(config.calibration)):
-        example = example_from_record(record, fields, template, 1 << 30, "") if isinstance(record, dict) else record
-        if isinstance(example, dict):  # a string is the reason a record is unusable: skip it
-            ids += example["input_ids"]
-        if len(ids) >= config.calibration_tokens:
-            break
-    rows = min(len(ids), config.calibration_tokens) // config.sequence_length
-    if rows < 1:
-        raise MoekdError(
-            f"calibration data {config.calibration} holds {len(ids)} tokens, fewer than one "
-            f"sequence of {config.sequence_length}"
-        )
-    return torch.tensor(ids[: rows * config.sequence_length]).view(rows, config.sequence_length)
 
 
 def active_fraction(layout: Layout, intermediate_size: int) -> float:

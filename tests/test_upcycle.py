@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
 
 import fixtures
+from pipeline.data import calibration_ids
 from pipeline.errors import MoekdError
 from pipeline.models import tokenizer_fingerprint
-from pipeline.student_init import check_layers, drop_layers
+from pipeline.student_init import check_layers, make_student
 from pipeline.upcycle import Layout, check_layout, check_source, upcycle
 from stages import student as student_stage
 from stages import upcycle as upcycle_stage
@@ -295,7 +296,8 @@ def test_upcycle_stage_writes_a_loadable_teacher_and_reuses_it(tmp_path, dense_d
 
     # The saved teacher is the in-memory build of the same settings.
     dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
-    calibration = upcycle_stage.calibration_batch(config, AutoTokenizer.from_pretrained(dense_dir))
+    calibration = calibration_ids(Path(config.calibration), AutoTokenizer.from_pretrained(dense_dir),
+                                  config.calibration_tokens, config.sequence_length)
     assert calibration.shape == (1024 // 32, 32)
     built, layers = upcycle(dense, calibration, config.layout, config.seed, config.router_steps,
                             config.ridge, config.follow_dense)
@@ -380,9 +382,9 @@ def test_upcycle_stage_bad_inputs(tmp_path, dense_dir, instructions_jsonl, moe_d
 # ---------------------------------------------------------------- the student
 
 
-def test_drop_layers_keeps_the_chosen_layers_exactly():
+def test_keep_layers_keeps_the_chosen_layers_exactly():
     source = tiny_llama(seed=2, tie_word_embeddings=False)
-    student = drop_layers(source, [0, 2])
+    student = make_student(source, [0, 2])
     assert student.config.num_hidden_layers == 2
     assert type(student) is type(source)
     src, dst = source.state_dict(), student.state_dict()
@@ -419,12 +421,12 @@ def test_student_stage_writes_a_loadable_student_and_reuses_it(tmp_path, dense_d
     output = tmp_path / "student"
     config = student_stage.Config(source=str(dense_dir), output=str(output), keep_layers=[0, 2])
     student_stage.run(config)
-    assert "layers [0, 2] of 3" in capsys.readouterr().out
+    assert "2 of 3 layers, FFN 128 of 128 neurons" in capsys.readouterr().out
 
     student = AutoModelForCausalLM.from_pretrained(output).eval()
     source = AutoModelForCausalLM.from_pretrained(dense_dir).eval()
     assert student.config.model_type == "llama" and student.config.num_hidden_layers == 2
-    expected = drop_layers(source, [0, 2]).state_dict()
+    expected = make_student(source, [0, 2]).state_dict()
     assert set(student.state_dict()) == set(expected)
     for name, value in student.state_dict().items():
         assert torch.equal(value, expected[name]), name
@@ -433,7 +435,7 @@ def test_student_stage_writes_a_loadable_student_and_reuses_it(tmp_path, dense_d
     text = "Sort the words alphabetically."
     assert tokenizer(text)["input_ids"] == source_tokenizer(text)["input_ids"]
     report = student_stage.read_json(output / student_stage.REPORT)
-    assert report["keep_layers"] == [0, 2]
+    assert report["settings"]["keep_layers"] == [0, 2]
     assert report["parameters"] < report["source_parameters"]
 
     before = snapshot(output)
