@@ -146,7 +146,8 @@ def cache_kl(
     model, cache_dir: str | Path, max_rows: int | None = None, batch_size: int = 8, pad_id: int = 0,
     desc: str = "kl",
 ) -> dict:
-    """{"kl", "tokens", "rows"}: mean over cached positions of (1/M) Σ_m KL(p^(m) ‖ q_model).
+    """{"kl", "tokens", "rows", "examples"}: mean over cached positions of (1/M) Σ_m KL(p^(m) ‖ q_model), and
+    per row [seq_id, summed KL, positions] (for per-example statistics).
 
     Reads the committed shards in order, one at a time; `max_rows` keeps the
     first rows (in seq_id order) only.
@@ -155,35 +156,37 @@ def cache_kl(
     manifest = Manifest.load(cache_dir)
     shards = [manifest.shards[i] for i in sorted(manifest.shards)]
     total_rows = sum(s.rows for s in shards) if max_rows is None else min(max_rows, sum(s.rows for s in shards))
-    kl_sum, tokens, rows = 0.0, 0, 0
+    examples = []
     with tqdm(total=total_rows, desc=desc, unit="row") as bar:
         for shard in shards:
-            count = min(shard.rows, total_rows - rows)
+            count = min(shard.rows, total_rows - len(examples))
             if count <= 0:
                 break
             records = read_shard(cache_dir / shard.file, None if count == shard.rows else list(range(count)))
             for start in range(0, count, batch_size):
                 batch = records[start : start + batch_size]
-                kl_sum += batch_kl_sum(model, batch, pad_id)
-                tokens += sum(len(r.positions) for r in batch)
-                rows += len(batch)
+                sums = row_kl_sums(model, batch, pad_id)
+                examples += [[r.seq_id, kl, len(r.positions)] for r, kl in zip(batch, sums)]
                 bar.update(len(batch))
-    return {"kl": kl_sum / tokens if tokens else math.nan, "tokens": tokens, "rows": rows}
+    kl_sum, tokens = sum(e[1] for e in examples), sum(e[2] for e in examples)
+    return {"kl": kl_sum / tokens if tokens else math.nan, "tokens": tokens, "rows": len(examples),
+            "examples": examples}
 
 
-def batch_kl_sum(model, records: list[TeacherRecord], pad_id: int) -> float:
-    """Σ over the records' positions of the sample-averaged sparse KL."""
+def row_kl_sums(model, records: list[TeacherRecord], pad_id: int) -> list[float]:
+    """Per record, the sum over its positions of the sample-averaged sparse KL."""
     positions = [r.positions for r in records]
     hidden = hidden_at(model, [r.input_ids for r in records], positions, pad_id)
     teacher_ids = torch.from_numpy(np.concatenate([r.topk_ids for r in records], axis=1)).to(hidden.device)
     teacher_logprobs = torch.from_numpy(np.concatenate([r.topk_logprobs for r in records], axis=1)).to(hidden.device)
-    total = 0.0
+    per_token = []
     for s in range(0, len(hidden), CHUNK_TOKENS):
         chunk = slice(s, s + CHUNK_TOKENS)
         student = vocab_logprobs(model, hidden[chunk])
-        total += sample_mean_divergence(student, teacher_ids[:, chunk], teacher_logprobs[:, chunk],
-                                        LossConfig()).sum().item()
-    return total
+        per_token.append(sample_mean_divergence(student, teacher_ids[:, chunk], teacher_logprobs[:, chunk],
+                                                LossConfig()))
+    per_token = torch.cat(per_token).double().cpu()
+    return [part.sum().item() for part in per_token.split([len(p) for p in positions])]
 
 
 # ---------------------------------------------------------------- generation

@@ -38,7 +38,7 @@ from pipeline.models import (
     tokenizer_fingerprint,
 )
 
-VERSION = 1  # of what is computed; a change makes earlier stored results stale
+VERSION = 2  # of what is computed; a change makes earlier stored results stale
 METRICS = (  # (key, table title, format), in the order results.md shows them
     ("rougeL", "ROUGE-L (F-measure x100, higher is better)", "{:.2f}"),
     ("ppl", "Perplexity on response tokens (lower is better)", "{:.3f}"),
@@ -85,10 +85,11 @@ def run(config: Config) -> dict:
             remove_stale_temporaries(directory)
     settings = eval_settings(config, str(dtype).removeprefix("torch."))
     cache_key = None if cache is None else cache_identity(cache)
+    cache_data = None if cache is None else cache.identity.get("data_fingerprint")  # the split it was made of
     models, rows = [], {}
     for name, path in config.models.items():
-        entry, rows[name] = evaluate_model(name, path, tokenizers[name], splits, cache_key, config, settings,
-                                           device, dtype)
+        entry, rows[name] = evaluate_model(name, path, tokenizers[name], splits, cache_key, cache_data, config,
+                                           settings, device, dtype)
         models.append(entry)
     results = {  # lists where order matters: the JSON file's keys are sorted
         "settings": settings,
@@ -176,7 +177,7 @@ def model_config(path: str):
         raise MoekdError(f"cannot read the model config in {directory}: {first_line(e)}") from None
 
 
-def evaluate_model(name, path, tokenizer, splits, cache_key, config, settings, device, dtype):
+def evaluate_model(name, path, tokenizer, splits, cache_key, cache_data, config, settings, device, dtype):
     """(results.json entry, example rows per split) of one model, reusing stored results where they match."""
     identity = model_identity(path, model_config(path))
     weights = {k: v for k, v in identity.items() if k not in ("path", "name")}  # moving a model keeps its results
@@ -197,6 +198,8 @@ def evaluate_model(name, path, tokenizer, splits, cache_key, config, settings, d
         if kl is None:
             kl = cache_kl(model(), config.cache, config.kl_max_rows, config.batch_size, pad_id, f"{name} kl")
             atomic_write_json(store / f"{key}.json", kl)
+    if kl is not None:
+        attach_kl(rows, splits, cache_data, kl)
     every_row = [row for split_rows in rows.values() for row in split_rows]
     entry = {
         "name": name,
@@ -204,9 +207,20 @@ def evaluate_model(name, path, tokenizer, splits, cache_key, config, settings, d
         "identity": identity,
         "splits": {split: {"overall": summarize(r), "sources": summarize_by_source(r)} for split, r in rows.items()},
         "overall": summarize(every_row),
-        "kl": kl,
+        "kl": None if kl is None else {k: v for k, v in kl.items() if k != "examples"},  # per row: predictions/
     }
     return entry, rows
+
+
+def attach_kl(rows: dict[str, list[dict]], splits: dict[str, PreparedData], cache_data: str | None, kl: dict) -> None:
+    """Give the rows of the split the cache was made of their own KL: kl_sum (nats, summed over the row's
+    cached positions) and kl_tokens, for per-example statistics."""
+    per_row = {seq_id: (kl_sum, tokens) for seq_id, kl_sum, tokens in kl["examples"]}
+    for split, data in splits.items():
+        if data.fingerprint == cache_data:
+            for row in rows[split]:
+                if row["seq_id"] in per_row:
+                    row["kl_sum"], row["kl_tokens"] = per_row[row["seq_id"]]
 
 
 def stored(store: Path, key: str, overwrite: bool, what: str):
