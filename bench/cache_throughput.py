@@ -29,7 +29,8 @@ import fixtures  # noqa: E402
 
 from pipeline import cache_format  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import PreparedData, collate  # noqa: E402
+from pipeline.batch import collate_examples  # noqa: E402
+from pipeline.data import PreparedData  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from stages import cache, prepare  # noqa: E402
 
@@ -59,10 +60,10 @@ def time_bare_forward(teacher: Path, data: Path, batch_size: int, shard_size: in
         for start in range(0, len(prepared), shard_size):
             rows = sorted(prepared.rows(start, start + shard_size), key=lambda e: (len(e.input_ids), e.seq_id))
             for b in range(0, len(rows), batch_size):
-                batch = collate(rows[b : b + batch_size], pad)
+                batch = collate_examples(rows[b : b + batch_size], pad)
                 begin = time.perf_counter()
                 for _ in range(samples):
-                    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
                 seconds += time.perf_counter() - begin
     return seconds
 

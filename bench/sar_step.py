@@ -14,13 +14,13 @@ shared machine).
 
 - cache: stage two from the top-64 cache, the student's forward and backward only;
 - online KD: `moekd train` with `teacher=` (stage two, online): the teacher's
-  top-2 forward and top-64 capture (`stages.train.online_teacher`), then the
+  top-2 forward and top-64 capture (`pipeline.teacher.OnlineTeacher`), then the
   same student step as from the cache;
 - SAR student step: the teacher runs without gradients (every expert, SAR's
   default routing) and the student steps against its full-vocabulary
-  distribution: SAR's step without its router step (`stages.sar.Loop.with_teacher`
-  + `Trainer.step`);
-- SAR: `stages.sar.Loop.step` on the data's sequences: the student's
+  distribution: SAR's step without its router step
+  (`pipeline.teacher.AdaptedTeacher.teach` + `Trainer.step`);
+- SAR: `stages.sar.Step` on the data's sequences: the student's
   log-probs (no gradients), the router step (the teacher's forward and
   backward, AdamW on the routers), the teacher again without gradients, the
   student step;
@@ -35,6 +35,7 @@ import contextlib
 import functools
 import io
 import statistics
+import types
 import sys
 import tempfile
 from pathlib import Path
@@ -47,25 +48,32 @@ sys.path.insert(0, str(BENCH))
 
 from train_step import SHARD_SIZE, build, median_step_seconds, reader  # noqa: E402
 
+from pipeline.batch import collate_examples, collate_records  # noqa: E402
 from pipeline.data import PreparedData  # noqa: E402
+from pipeline.evaluation import stop_token_ids  # noqa: E402
 from pipeline.losses import LossConfig  # noqa: E402
 from pipeline.models import load_model, load_tokenizer  # noqa: E402
-from pipeline.reader import CacheShards, PreparedShards, collate_examples, collate_records  # noqa: E402
-from pipeline.routing import RoutingHooks  # noqa: E402
+from pipeline.reader import CacheShards, PreparedShards  # noqa: E402
+from pipeline.routing import RoutingConfig, RoutingHooks  # noqa: E402
 from pipeline.sar import RouterTrainer, train_routers_only  # noqa: E402
+from pipeline.teacher import AdaptedTeacher, OnlineTeacher  # noqa: E402
 from pipeline.training import Distributed, OptimConfig, Trainer  # noqa: E402
-from stages import sar, train  # noqa: E402
+from stages import sar  # noqa: E402
 
 
-def sar_loop(paths: dict[str, Path], trainer: Trainer, stack: contextlib.ExitStack, **settings) -> sar.Loop:
-    """The SAR stage's step machinery around `trainer`, with a fresh teacher (data order and checkpoints unused)."""
+def sar_step(paths: dict[str, Path], trainer: Trainer, stack: contextlib.ExitStack, **settings) -> sar.Step:
+    """The SAR stage's step around `trainer`, with a fresh teacher (data order and checkpoints unused)."""
     config = sar.Config(output="unused", teacher=str(paths["teacher"]), student=str(paths["student"]),
                         data=str(paths["data"]), device="cpu", dtype="float32", **settings)
-    teacher = load_model(paths["teacher"], dtype="float32", device="cpu")
-    routing = stack.enter_context(RoutingHooks(teacher, config.routing))
-    routers = train_routers_only(teacher, routing.routers)
-    router_trainer = RouterTrainer(teacher, routing, routers, config.router, 10_000, Distributed("cpu"))
-    return sar.Loop(config, Distributed("cpu"), None, trainer, router_trainer, load_tokenizer(paths["student"]), None)
+    model = load_model(paths["teacher"], dtype="float32", device="cpu")
+    routing = stack.enter_context(RoutingHooks(model, config.routing))
+    routers = train_routers_only(model, routing.routers)
+    router_trainer = RouterTrainer(model, routing, routers, config.router, 10_000, Distributed("cpu"))
+    teacher = AdaptedTeacher(str(paths["data"]), SHARD_SIZE, str(paths["teacher"]), model, routing,
+                             contextlib.nullcontext)
+    run = types.SimpleNamespace(student=trainer.model, trainer=trainer, teacher=teacher, pad_id=0,
+                                processes=Distributed("cpu"), autocast=contextlib.nullcontext)
+    return sar.Step(config, run, router_trainer, stop_token_ids(load_tokenizer(paths["student"]), trainer.model))
 
 
 def main() -> None:
@@ -88,23 +96,22 @@ def report(paths: dict[str, Path], args) -> None:
     student = load_model(paths["student"], dtype="float32", device="cpu").train()
     trainer = Trainer(student, OptimConfig(lr=1e-5, warmup_steps=0), LossConfig(alpha=0.5), 10_000, Distributed("cpu"))
     with contextlib.ExitStack() as stack:
-        loop = sar_loop(paths, trainer, stack)
-        on_policy = sar_loop(paths, trainer, stack, sequences="student", max_new_tokens=args.max_new_tokens)
-        online_kd = train.Config(output="unused", student=str(paths["student"]), data=str(paths["data"]),
-                                 teacher=str(paths["teacher"]), top_k=64, device="cpu", dtype="float32")
-        online = train.online_teacher(online_kd, student, 0, torch.device("cpu"), stack)
+        step = sar_step(paths, trainer, stack)
+        on_policy = sar_step(paths, trainer, stack, sequences="student", max_new_tokens=args.max_new_tokens)
+        online = OnlineTeacher(str(paths["data"]), SHARD_SIZE, str(paths["teacher"]), RoutingConfig(), 64, False,
+                               torch.float32, torch.device("cpu"), stack)
         variants = {
             "cache": lambda i: trainer.step([cached[i]]),
-            "online KD": lambda i: trainer.step([online(prepared[i])]),
-            "SAR student": lambda i: trainer.step([loop.with_teacher(prepared[i])]),
-            "SAR": lambda i: loop.step([prepared[i]]),
-            "SAR on-policy": lambda i: on_policy.step([prepared[i]]),
+            "online KD": lambda i: trainer.step([online.teach(prepared[i])]),
+            "SAR student": lambda i: trainer.step([step.run.teacher.teach(prepared[i])]),
+            "SAR": lambda i: step([prepared[i]]),
+            "SAR on-policy": lambda i: on_policy([prepared[i]]),
         }
         seconds = median_step_seconds(variants, steps)
 
     tokens = statistics.mean(b.tokens for b in prepared)
     print(f"batch: {batch_size} sequences, {tokens:.0f} targets (data sequences); teacher routing "
-          f"{loop.config.routing.mode}; torch threads {torch.get_num_threads()}; median of {steps} steps")
+          f"{step.config.routing.mode}; torch threads {torch.get_num_threads()}; median of {steps} steps")
     for name, value in seconds.items():
         print(f"  {name:<14} {value * 1000:8.0f} ms/step")
     print(f"SAR / online KD:          {seconds['SAR'] / seconds['online KD']:.2f}x")

@@ -49,14 +49,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import fixtures  # noqa: E402
+from pipeline.batch import collate_examples, collate_records  # noqa: E402
 from pipeline.cache_format import Manifest, verify_cache  # noqa: E402
 from pipeline.data import PreparedData  # noqa: E402
 from pipeline.losses import LossConfig  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
-from pipeline.reader import CacheShards, PreparedShards, Reader, collate_examples, collate_records  # noqa: E402
+from pipeline.reader import CacheShards, PreparedShards, Reader  # noqa: E402
 from pipeline.routing import RoutingConfig  # noqa: E402
+from pipeline.teacher import OnlineTeacher  # noqa: E402
 from pipeline.training import Distributed, OptimConfig, Trainer  # noqa: E402
-from stages import cache, prepare, train  # noqa: E402
+from stages import cache, prepare  # noqa: E402
 
 VOCAB = 49_152
 SHARD_SIZE = 16
@@ -142,11 +144,9 @@ def report(paths: dict[str, Path], args) -> None:
     }
     with contextlib.ExitStack() as stack:
         for m, routing in ROUTINGS.items():
-            config = train.Config(output="unused", student=str(paths["student"]), data=str(paths["data"]),
-                                  teacher=str(paths["teacher"]), routing=routing, top_k=64, device="cpu",
-                                  dtype="float32")
-            teach = train.online_teacher(config, model, 0, torch.device("cpu"), stack)
-            variants[f"online M={m}"] = lambda i, teach=teach: trainer.step([teach(prepared[i])])
+            teacher = OnlineTeacher(str(paths["data"]), SHARD_SIZE, str(paths["teacher"]), routing, 64, False,
+                                    torch.float32, torch.device("cpu"), stack)
+            variants[f"online M={m}"] = lambda i, teacher=teacher: trainer.step([teacher.teach(prepared[i])])
         seconds = median_step_seconds(variants, steps)
 
     shards = CacheShards(paths["cache4"])

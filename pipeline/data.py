@@ -36,7 +36,6 @@ SCHEMA = pa.schema([
 # Used when template="chat" but the tokenizer has no chat template.
 PLAIN_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
 PLAIN_TEMPLATE_NO_CONTEXT = "### Instruction:\n{instruction}\n\n### Response:\n"
-IGNORE_INDEX = -100  # the label torch's cross-entropy skips
 
 
 # ---------------------------------------------------------------- reading records
@@ -428,14 +427,3 @@ def padded(sequences: list, pad_id: int, left: bool = False) -> tuple[torch.Tens
         input_ids[i, cols] = torch.as_tensor(np.asarray(s, dtype=np.int64))
         attention_mask[i, cols] = 1
     return input_ids, attention_mask
-
-
-def collate(examples: list[PreparedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels (IGNORE_INDEX off the response), lengths."""
-    lengths = torch.tensor([len(e.input_ids) for e in examples], dtype=torch.long)
-    input_ids, attention_mask = padded([e.input_ids for e in examples], pad_id)
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        labels[i, :n] = torch.where(torch.from_numpy(e.response_mask), input_ids[i, :n], IGNORE_INDEX)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "lengths": lengths}

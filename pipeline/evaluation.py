@@ -35,15 +35,15 @@ import torch.nn.functional as F
 from rouge_score import rouge_scorer
 from tqdm import tqdm
 
-from pipeline.cache_format import Manifest, TeacherRecord, read_shard
-from pipeline.capture import response_hidden_states, vocab_logprobs
-from pipeline.data import PreparedData, PreparedExample, Template, padded, target_positions
+from pipeline.batch import Batch, collate_examples, collate_records
+from pipeline.cache_format import Manifest, read_shard
+from pipeline.data import PreparedData, PreparedExample, Template, padded
 from pipeline.errors import MoekdError
+from pipeline.logprobs import chunks, target_hidden, vocab_logprobs
 from pipeline.losses import LossConfig, sample_mean_divergence
 from pipeline.models import pad_token_id
 from pipeline.seeding import generator
 
-CHUNK_TOKENS = 1024  # positions per vocabulary projection: bounds memory at CHUNK_TOKENS x vocab floats
 ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
@@ -71,11 +71,25 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def hidden_at(model, sequences: list, positions: list[np.ndarray], pad_id: int) -> torch.Tensor:
-    """Final hidden states (N, H) at `positions` of each right-padded sequence, rows concatenated."""
-    input_ids, attention_mask = padded(sequences, pad_id)
-    device = model_device(model)
-    return response_hidden_states(model, input_ids.to(device), attention_mask.to(device), positions)
+def batch_nll(model, batch: Batch, teacher: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per target of `batch` (on the model's device): the model's cross-entropy (N,) and, with `teacher`,
+    the sample-averaged sparse KL(teacher ‖ model) of the batch's cached top-k (N,); float64 on the CPU."""
+    batch = batch.to(model_device(model))
+    hidden = target_hidden(model, batch.input_ids, batch.attention_mask, batch.rows, batch.cols)
+    nll, kl = [], []
+    for chunk in chunks(len(hidden)):
+        logprobs = vocab_logprobs(model, hidden[chunk])
+        nll.append(-logprobs.gather(-1, batch.targets[chunk, None])[:, 0])
+        if teacher:
+            kl.append(sample_mean_divergence(logprobs, batch.teacher_ids[:, chunk], batch.teacher_logprobs[:, chunk],
+                                             LossConfig()))
+    to_cpu = lambda parts: torch.cat(parts).double().cpu()  # noqa: E731
+    return to_cpu(nll), to_cpu(kl) if teacher else None
+
+
+def per_row(values: torch.Tensor, batch: Batch) -> list[float]:
+    """Per-target values (N,) summed per row of the batch."""
+    return torch.zeros(len(batch.seq_ids), dtype=values.dtype).index_add_(0, batch.rows.cpu(), values).tolist()
 
 
 # ---------------------------------------------------------------- loss and perplexity
@@ -92,17 +106,12 @@ def example_losses(
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i].input_ids), i))
     results: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-        batch = [examples[i] for i in order[start : start + batch_size]]
-        positions = [target_positions(e.response_mask) for e in batch]
-        hidden = hidden_at(model, [e.input_ids for e in batch], positions, pad_id)
-        targets = np.concatenate([e.input_ids[p + 1] for e, p in zip(batch, positions)]).astype(np.int64)
-        targets = torch.from_numpy(targets).to(hidden.device)
-        nll = torch.cat([
-            -vocab_logprobs(model, hidden[s : s + CHUNK_TOKENS]).gather(-1, targets[s : s + CHUNK_TOKENS, None])[:, 0]
-            for s in range(0, len(hidden), CHUNK_TOKENS)
-        ])
-        for i, part in zip(order[start : start + batch_size], nll.split([len(p) for p in positions])):
-            results[i] = (part.sum().item(), len(part))
+        indices = order[start : start + batch_size]
+        batch = collate_examples([examples[i] for i in indices], pad_id)
+        nll, _ = batch_nll(model, batch)
+        counts = torch.bincount(batch.rows, minlength=len(indices)).tolist()
+        for i, total, count in zip(indices, per_row(nll, batch), counts):
+            results[i] = (total, count)
     return results
 
 
@@ -147,10 +156,12 @@ def cache_kl(
     desc: str = "kl",
 ) -> dict:
     """{"kl", "tokens", "rows", "examples"}: mean over cached positions of (1/M) Σ_m KL(p^(m) ‖ q_model), and
-    per row [seq_id, summed KL, positions] (for per-example statistics).
+    per row [seq_id, summed KL, positions, summed cross-entropy of the model at them] (per-example statistics;
+    the cross-entropy is `example_losses`' where the cache's rows are the prepared data's).
 
-    Reads the committed shards in order, one at a time; `max_rows` keeps the
-    first rows (in seq_id order) only.
+    Reads the committed shards in order, one at a time, into the training
+    batches (`batch.collate_records`); `max_rows` keeps the first rows (in
+    seq_id order) only.
     """
     cache_dir = Path(cache_dir)
     manifest = Manifest.load(cache_dir)
@@ -164,29 +175,14 @@ def cache_kl(
                 break
             records = read_shard(cache_dir / shard.file, None if count == shard.rows else list(range(count)))
             for start in range(0, count, batch_size):
-                batch = records[start : start + batch_size]
-                sums = row_kl_sums(model, batch, pad_id)
-                examples += [[r.seq_id, kl, len(r.positions)] for r, kl in zip(batch, sums)]
-                bar.update(len(batch))
+                batch = collate_records(records[start : start + batch_size], pad_id)
+                nll, kl = batch_nll(model, batch, teacher=True)
+                counts = torch.bincount(batch.rows, minlength=len(batch.seq_ids)).tolist()
+                examples += [list(row) for row in zip(batch.seq_ids, per_row(kl, batch), counts, per_row(nll, batch))]
+                bar.update(len(batch.seq_ids))
     kl_sum, tokens = sum(e[1] for e in examples), sum(e[2] for e in examples)
     return {"kl": kl_sum / tokens if tokens else math.nan, "tokens": tokens, "rows": len(examples),
             "examples": examples}
-
-
-def row_kl_sums(model, records: list[TeacherRecord], pad_id: int) -> list[float]:
-    """Per record, the sum over its positions of the sample-averaged sparse KL."""
-    positions = [r.positions for r in records]
-    hidden = hidden_at(model, [r.input_ids for r in records], positions, pad_id)
-    teacher_ids = torch.from_numpy(np.concatenate([r.topk_ids for r in records], axis=1)).to(hidden.device)
-    teacher_logprobs = torch.from_numpy(np.concatenate([r.topk_logprobs for r in records], axis=1)).to(hidden.device)
-    per_token = []
-    for s in range(0, len(hidden), CHUNK_TOKENS):
-        chunk = slice(s, s + CHUNK_TOKENS)
-        student = vocab_logprobs(model, hidden[chunk])
-        per_token.append(sample_mean_divergence(student, teacher_ids[:, chunk], teacher_logprobs[:, chunk],
-                                                LossConfig()))
-    per_token = torch.cat(per_token).double().cpu()
-    return [part.sum().item() for part in per_token.split([len(p) for p in positions])]
 
 
 # ---------------------------------------------------------------- generation

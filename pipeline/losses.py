@@ -42,12 +42,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, get_args
+from typing import Callable, Literal, get_args
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from pipeline.logprobs import CHUNK_TOKENS
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"]
 Tail = Literal["bucket", "renormalize"]
@@ -61,7 +63,7 @@ class LossConfig:
     skew: float = 0.1  # skew KL: KL(p ‖ skew·p + (1−skew)·q)
     temperature: float = 1.0
     tail: Tail = "bucket"  # sparse teacher: the mass beyond the top-k as one outcome, or dropped
-    chunk_tokens: int = 2048  # tokens per chunk of student logits (bounds peak memory)
+    chunk_tokens: int = CHUNK_TOKENS  # tokens per chunk of student logits (bounds peak memory)
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
@@ -216,17 +218,19 @@ class LossSums:
         return ((1 - alpha) * self.ce + alpha * self.kd) / normalizer
 
 
+Project = Callable[[Tensor], Tensor]  # hidden states (n, H) -> log-probs (n, V), e.g. `logprobs.vocab_logprobs`
+
+
 def chunk_losses(
     hidden: Tensor,
-    lm_head: nn.Module,
+    project: Project,
     targets: Tensor,
     teacher_ids: Tensor | None,
     teacher_logprobs: Tensor | None,
     config: LossConfig,
 ) -> tuple[Tensor, Tensor]:
     """Summed CE and teacher-sample-averaged D for one chunk of tokens."""
-    logits = lm_head(hidden)
-    logprobs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)  # ≥ float32
+    logprobs = project(hidden)
     ce = F.nll_loss(logprobs, targets, reduction="sum")
     if teacher_logprobs is None:
         return ce, torch.zeros_like(ce)
@@ -235,7 +239,7 @@ def chunk_losses(
 
 def distillation_loss(
     hidden: Tensor,
-    lm_head: nn.Module,
+    project: Project,
     targets: Tensor,
     teacher_ids: Tensor | None,
     teacher_logprobs: Tensor | None,
@@ -244,12 +248,14 @@ def distillation_loss(
     """CE and KD sums over N response-predicting tokens.
 
     hidden: (N, H) the student's final hidden states (after the final norm);
-    targets: (N,) the next tokens. The teacher is one of:
+    `project` turns a chunk of them into log-probs over the vocabulary (the
+    student's head, `logprobs.vocab_logprobs`); targets: (N,) the next tokens.
+    The teacher is one of:
     - sparse: teacher_ids and teacher_logprobs (M, N, k), from the cache;
-    - dense: teacher_ids None, teacher_logprobs (M, N, V) (online KD);
+    - dense: teacher_ids None, teacher_logprobs (M, N, V) (SAR's teacher);
     - none: both None, SFT (kd = 0).
     D is averaged over the M teacher samples, (1/M) Σ_m D(p^(m), q) (KA).
-    Logits are computed chunk by chunk (config.chunk_tokens), under activation
+    Log-probs are computed chunk by chunk (config.chunk_tokens), under activation
     checkpointing when there are several chunks, so peak memory holds a few (chunk, V) tensors of one chunk
     (logits, log-probs; per teacher sample only with a dense teacher), never (N, V).
     """
@@ -264,7 +270,7 @@ def distillation_loss(
         chunk = slice(start, start + config.chunk_tokens)
         chunk_ce, chunk_kd = run(
             hidden[chunk],
-            lm_head,
+            project,
             targets[chunk],
             None if teacher_ids is None else teacher_ids[:, chunk],
             None if teacher_logprobs is None else teacher_logprobs[:, chunk],

@@ -1,4 +1,4 @@
-"""Student-Aware Router (SAR): trainable teacher routers, the router step, on-policy sequences, the routers file.
+"""Student-Aware Router (SAR): trainable teacher routers, the router step, on-policy sequences.
 
 SAR (METHOD, section SAR) adapts the MoE teacher to the student. Each step, on
 the student's batch, the router step trains the teacher's routers, all else
@@ -22,43 +22,31 @@ loss (it balances with the frozen bias above); it gets the same loss, over
 softmax(router logits), whose top-k are those of its sigmoid scores without the
 bias. β = 0 turns L_balance off for every family.
 
-The routers file is safetensors: the router parameters (float32) by their
-names in the teacher, and metadata naming the teacher they were trained on
-(`model_identity` without the path), so `apply_routers` refuses another one.
+The adapted routers are written with `pipeline.routers.save_routers`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from pipeline.capture import vocab_logprobs
+from pipeline.batch import Batch
 from pipeline.data import PreparedExample
 from pipeline.errors import MoekdError
 from pipeline.evaluation import generate_ids
-from pipeline.files import atomic_write
+from pipeline.logprobs import target_logprobs
 from pipeline.losses import Divergence, LossConfig, dense_divergence
-from pipeline.models import model_identity
-from pipeline.reader import Batch
+from pipeline.routers import set_router_parameters
 from pipeline.routing import Router, RoutingConfig, RoutingHooks, load_balancing_loss, top_experts
 from pipeline.seeding import generator
 from pipeline.training import Distributed, OptimConfig, begin_step, make_optimizer
-
-ROUTERS_FORMAT = "moekd-routers"
-ROUTERS_VERSION = "1"
-IDENTITY_KEYS = ("model_type", "config_hash", "weights_fingerprint", "vocab_size")  # what must match
-
 
 @dataclass
 class SarRoutingConfig(RoutingConfig):
@@ -124,62 +112,6 @@ def train_routers_only(teacher: nn.Module, routers: list[Router]) -> dict[str, n
     return trainable
 
 
-def set_router_parameters(teacher: nn.Module, tensors: dict[str, Tensor], source: str) -> None:
-    """Copy `tensors` into the teacher's parameters of the same names, refusing other names or shapes."""
-    params = dict(teacher.named_parameters())
-    for name, tensor in tensors.items():
-        if name not in params or params[name].shape != tensor.shape:
-            have = tuple(params[name].shape) if name in params else "no such parameter"
-            raise MoekdError(f"{source} holds {name} of shape {tuple(tensor.shape)} but the teacher has {have}")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)
-
-
-def save_routers(path: Path, routers: dict[str, nn.Parameter], teacher_identity: dict) -> None:
-    """Write the router parameters (float32) and the teacher's identity to a safetensors file, atomically."""
-    tensors = {name: p.detach().float().cpu().contiguous() for name, p in routers.items()}
-    metadata = {"format": ROUTERS_FORMAT, "version": ROUTERS_VERSION,
-                "teacher": json.dumps({k: v for k, v in teacher_identity.items() if k != "path"}, sort_keys=True)}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def read_routers(path: str | Path) -> tuple[dict[str, Tensor], dict]:
-    """(router tensors by parameter name, identity of the teacher they were trained on) of a routers file."""
-    path = Path(path)
-    if not path.is_file():
-        raise MoekdError(f"routers file not found: {path}")
-    try:
-        with safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise MoekdError(f"{path} is not a readable safetensors file: {e}") from None
-    if metadata.get("format") != ROUTERS_FORMAT or metadata.get("version") != ROUTERS_VERSION:
-        raise MoekdError(f"{path} is not a moekd routers file (version {ROUTERS_VERSION}); `moekd sar` writes them")
-    return tensors, json.loads(metadata["teacher"])
-
-
-def apply_routers(model: nn.Module, path: str | Path) -> None:
-    """Load the adapted routers of a routers file into `model`, the teacher they were trained on.
-
-    The model must come from its local directory (`models.load_model`): its
-    identity there (family, config hash, weights fingerprint, vocabulary) must
-    be the file's, and the file's parameter names and shapes the model's.
-    """
-    tensors, trained_on = read_routers(path)
-    directory = Path(model.name_or_path)
-    if not directory.is_dir():
-        raise MoekdError(f"applying {path} needs a teacher loaded from its local directory, to check that it "
-                         f"is the teacher the routers were trained on (this one comes from {str(directory)!r})")
-    identity = model_identity(directory, model)
-    for key in IDENTITY_KEYS:
-        if identity[key] != trained_on.get(key):
-            raise MoekdError(f"{path} holds routers trained on teacher {trained_on.get('name')!r}, not on {directory}: "
-                             f"{key} is {trained_on.get(key)!r} there but {identity[key]!r} here")
-    set_router_parameters(model, tensors, str(path))
-
-
 def checkpoint_teacher_layers(teacher: nn.Module) -> None:
     """Recompute the teacher's decoder layers in the router step's backward: less memory, one more forward.
 
@@ -194,12 +126,6 @@ def checkpoint_teacher_layers(teacher: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------- the router step
-
-def target_logprobs(model: nn.Module, batch: Batch) -> Tensor:
-    """Log-probabilities (N, V) of `model` at the batch's training targets (float32)."""
-    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    return vocab_logprobs(model, hidden.last_hidden_state[batch.rows, batch.cols])
-
 
 def router_statistics(routers: list[Router], router_logits: list[Tensor], attention_mask: Tensor) -> Tensor:
     """Per layer, summed over the real tokens: (L, 1 + 2E) = router entropy, top-k membership, probability.

@@ -1,6 +1,7 @@
-"""Training a student: optimiser and schedule, the optimizer step, DDP, checkpoints, the run directory, the step walk.
+"""Training a student: the run's settings and lifecycle, the optimizer step, DDP, checkpoints, the step walk.
 
-Shared by `moekd train` and `moekd sar`.
+Shared by `moekd train` and `moekd sar`: each stage opens a `Run`, gives it
+its teacher (`pipeline.teacher`) and its step, and the run does the rest.
 
 - One optimizer step takes this rank's micro-batches (gradient accumulation)
   and divides the summed loss by the number of target tokens in the whole
@@ -27,7 +28,7 @@ import math
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
@@ -43,10 +44,15 @@ from pipeline.errors import MoekdError
 from pipeline.files import (
     atomic_directory, atomic_write_bytes, atomic_write_json, read_json, remove_stale_directories,
 )
+from pipeline.batch import Batch
+from pipeline.data import PreparedData
+from pipeline.evaluation import cache_kl, response_loss
+from pipeline.logprobs import target_hidden, vocab_logprobs
 from pipeline.losses import LossConfig, distillation_loss
-from pipeline.models import resolve_device
-from pipeline.reader import Batch, Reader
+from pipeline.models import load_model, load_tokenizer, pad_token_id, resolve_device, save_model
+from pipeline.reader import Reader
 from pipeline.seeding import derive_seed, rng_state, seed_everything, set_rng_state
+from pipeline.teacher import MadeWith, cache_made_with, check_tokenizer, vocab_size
 
 TRAINER_STATE = "trainer.pt"
 CHECKPOINT_NAME = re.compile(r"step-(\d{8})")
@@ -55,6 +61,8 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 FINISHED = "finished"
+# Settings that change neither the losses nor the weights: a run may resume with other values.
+RESUMABLE_WITH_CHANGES = ("overwrite", "save_every", "keep_checkpoints", "prefetch")
 
 
 @dataclass
@@ -77,6 +85,49 @@ class OptimConfig:
             raise ValueError("optim.warmup_steps must be >= 0 and optim.grad_accum >= 1")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """The settings every training stage shares: the student and its loss and optimiser, how rows are read
+    and batched, how long the run lasts, held-out evaluation, checkpoints. A stage's Config extends it with
+    its teacher's settings; the keys stay flat (`batch_size=8`, not `run.batch_size=8`)."""
+
+    output: str  # the run directory
+    student: str  # local Hugging Face directory of the dense student (model and tokenizer)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # reading: a seeded shuffle over windows of shards, batches grouped by length, decoded ahead in a thread
+    batch_size: int = 8  # sequences per micro-batch, per rank
+    shuffle_shards: int = 4  # shards per shuffle window (decoded together)
+    shard_size: int = 256  # prepared data without a cache: rows per pseudo-shard
+    prefetch: int = 8  # batches the reader thread prepares ahead
+    seed: int = 0  # data order and every draw the run makes (KA samples, on-policy responses)
+    # the run
+    max_steps: int | None = None  # optimizer steps (epochs repeat as needed); null: `epochs` passes
+    epochs: int = 1
+    eval_data: str | None = None  # a held-out `moekd prepare` directory: eval_loss, eval_ppl
+    eval_cache: str | None = None  # a teacher cache of held-out data: eval_kl (mean KL(teacher ‖ student))
+    eval_every: int = 0  # steps between evaluations; 0: at the end only
+    eval_max_examples: int | None = 256  # held-out rows evaluated (evenly spaced; the cache's first); null: all
+    save_every: int = 500  # steps between checkpoints; 0: at the end only
+    keep_checkpoints: int = 2
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast; auto: bfloat16 on GPU, float32 on CPU
+    gradient_checkpointing: bool = False  # the student: recompute activations in backward (less memory)
+    device: str = "auto"
+    overwrite: bool = False  # replace a run made with other settings
+
+    def __post_init__(self):
+        for name in ("batch_size", "epochs", "shuffle_shards", "shard_size", "prefetch", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_max_examples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 or null, got {getattr(self, name)}")
+        if self.eval_every < 0 or self.save_every < 0:
+            raise ValueError("eval_every and save_every must be >= 0 (0: at the end only)")
+        if self.eval_every and self.eval_data is None and self.eval_cache is None:
+            raise ValueError("eval_every needs eval_data or eval_cache")
 
 
 def learning_rate(step: int, config: OptimConfig, total_steps: int) -> float:
@@ -188,9 +239,11 @@ class Distributed:
 class StudentLoss(nn.Module):
     """The student's loss as one module, so DDP sees the whole forward.
 
-    The student's final hidden states (`get_decoder()`) are taken at the target
-    positions only; `distillation_loss` projects them to the vocabulary chunk
-    by chunk, so neither a (B, L, V) logit tensor nor a dense teacher exists.
+    The student's final hidden states are taken at the target positions only
+    (`logprobs.target_hidden`); `distillation_loss` projects them to the
+    vocabulary chunk by chunk with the student's own head
+    (`logprobs.vocab_logprobs`, soft-capping included), so neither a
+    (B, L, V) logit tensor nor a dense teacher exists.
     """
 
     def __init__(self, model: nn.Module, loss: LossConfig):
@@ -200,9 +253,9 @@ class StudentLoss(nn.Module):
     def forward(self, input_ids, attention_mask, rows, cols, targets, teacher_ids, teacher_logprobs,
                 normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss sum / normalizer, detached (ce sum, kd sum))."""
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        sums = distillation_loss(hidden.last_hidden_state[rows, cols], self.model.get_output_embeddings(),
-                                 targets, teacher_ids, teacher_logprobs, self.loss)
+        hidden = target_hidden(self.model, input_ids, attention_mask, rows, cols)
+        sums = distillation_loss(hidden, functools.partial(vocab_logprobs, self.model), targets, teacher_ids,
+                                 teacher_logprobs, self.loss)
         return sums.total(self.loss.alpha, normalizer), torch.stack([sums.ce, sums.kd]).detach()
 
 
@@ -455,3 +508,137 @@ def run_steps(walk: Iterator, step: Callable[[list], dict], after_step: Callable
             bar.set_postfix({key: f"{record[key]:.4g}" for key in show})
             start = time.perf_counter()
     return record
+
+
+# ---------------------------------------------------------------- the run
+
+class Run:
+    """One run of a training stage, from its directory to final/: the lifecycle `train` and `sar` share.
+
+    A stage opens the run (this process's place among torchrun's, and what the
+    output directory holds: nothing, a run to resume, a finished run, or
+    another run, refused), loads the student, `begin`s with its teacher
+    (checks, the reader, the step plan, the student's Trainer), `resume`s
+    (with any other stateful parts, e.g. SAR's router trainer), takes its
+    `steps` with its own step function and `finish`es. Around every step the
+    run evaluates on held-out data, logs metrics.jsonl and checkpoints, as due.
+    """
+
+    def __init__(self, config: RunConfig, name: str, also_clear: tuple[str, ...] = ()):
+        self.config, self.name, self.also_clear = config, name, also_clear
+        self.output = Path(config.output)
+        self.processes = Distributed(config.device)
+        self.identity, self.latest = open_run(config, self.processes, RESUMABLE_WITH_CHANGES)
+        self.autocast_dtype = autocast_dtype(config.dtype, self.processes.device)
+        self.log = MetricsLog(self.output / METRICS_FILE)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.processes.stop()
+
+    @property
+    def finished(self) -> bool:
+        """True (and said) when the output already holds this run's final student."""
+        if self.latest == FINISHED:
+            self.processes.say(f"{self.name}: {self.output / FINAL} exists, the run is finished; nothing to do")
+        return self.latest == FINISHED
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The run's mixed precision (bfloat16 autocast, or none)."""
+        dtype = self.autocast_dtype
+        return torch.autocast(self.processes.device.type, dtype, enabled=dtype is not None)
+
+    def load_student(self):
+        """(the student in training mode, its tokenizer): the newest checkpoint's when resuming."""
+        self.tokenizer = load_tokenizer(self.config.student)
+        self.student = load_model(self.latest or self.config.student, dtype="float32",
+                                  device=self.processes.device).train()
+        if self.config.gradient_checkpointing:
+            self.student.activation_checkpointing_enable({"use_reentrant": False})
+        return self.student, self.tokenizer
+
+    def held_out(self) -> MadeWith:
+        """What the held-out data and cache were made with."""
+        made_with = cache_made_with(self.config.eval_cache) if self.config.eval_cache else {}
+        if self.config.eval_data:
+            made_with[self.config.eval_data] = (PreparedData(self.config.eval_data).tokenizer_fingerprint, None)
+        return made_with
+
+    def begin(self, teacher) -> None:
+        """Check the student against `teacher` and the held-out data, verify the teacher (rank 0), record
+        the settings, then plan the steps and make the student's Trainer."""
+        config, processes = self.config, self.processes
+        check_tokenizer("the student", config.student, self.tokenizer, vocab_size(self.student),
+                        teacher.made_with | self.held_out())
+        processes.on_rank0(teacher.verify)
+        processes.on_rank0(lambda: start_output(self.output, self.identity, self.latest, self.also_clear))
+        self.teacher, self.pad_id = teacher, pad_token_id(self.tokenizer)
+        self.reader = Reader(teacher.shards(), batch_size=config.batch_size, shuffle_shards=config.shuffle_shards,
+                             seed=config.seed, collate=functools.partial(teacher.collate, pad_id=self.pad_id),
+                             rank=processes.rank, world_size=processes.world_size, prefetch=config.prefetch)
+        self.steps_in, self.total_steps = step_plan(self.reader, config.optim.grad_accum, config.max_steps,
+                                                    config.epochs)
+        self.trainer = Trainer(self.student, config.optim, config.loss, self.total_steps, processes,
+                               self.autocast_dtype)
+        self.eval_data = PreparedData(config.eval_data) if config.eval_data else None
+
+    def resume(self, **parts) -> None:
+        """Load the newest checkpoint's states into the trainer and `parts` (or seed a new run), then say
+        what the run will do."""
+        self.parts = {"trainer": self.trainer, **parts}
+        self.position, self.tokens = resume(self.latest, self.processes, self.config.seed, self.parts)
+        c = self.config
+        self.processes.say(f"{self.name}: {self.teacher.description}; {self.total_steps} steps of "
+                           f"{c.optim.grad_accum} x {c.batch_size} sequences x {self.processes.world_size} ranks"
+                           + (f"; resuming after step {self.trainer.steps_done}" if self.latest else ""))
+
+    def batch(self, batch: Batch) -> Batch:
+        """A batch as read, on this process's device, with what the teacher says at its targets."""
+        return self.teacher.teach(batch.to(self.processes.device))
+
+    def steps(self, step: Callable[[list[Batch]], dict], show: tuple[str, ...]) -> dict:
+        """Take the remaining steps with `step(micro-batches as read) -> metrics`; the last step's record."""
+        walk = step_batches(self.reader, self.steps_in, self.config.optim.grad_accum, self.trainer.steps_done,
+                            self.total_steps, self.position)
+        return run_steps(walk, step, self.after_step, self.trainer, self.tokens, self.processes, self.name, show)
+
+    def after_step(self, record: dict, position: tuple[int, int]) -> None:
+        """Evaluate, log and checkpoint as due; `position` is the reader's next (epoch, batch)."""
+        step, config, rank0 = record["step"], self.config, self.processes.rank == 0
+        if rank0 and (self.eval_data or config.eval_cache) and self.due(config.eval_every, step):
+            record |= self.evaluate()
+        if rank0:
+            self.log.append(record)
+        if self.due(config.save_every, step):  # every rank: the RNG states are gathered
+            save_run_checkpoint(self.output / CHECKPOINTS, self.processes, self.student, self.tokenizer,
+                                config.keep_checkpoints, self.parts, position, record["tokens"])
+
+    def due(self, every: int, step: int) -> bool:
+        return step == self.total_steps or bool(every and step % every == 0)
+
+    def evaluate(self) -> dict:
+        """Held-out eval_loss / eval_ppl (eval_data) and eval_kl (eval_cache) of the student."""
+        model, config, metrics = self.student, self.config, {}
+        model.eval()
+        try:
+            with self.autocast():
+                if self.eval_data is not None:
+                    result = response_loss(model, self.eval_data, config.batch_size, config.eval_max_examples,
+                                           self.pad_id, "eval")
+                    metrics |= {"eval_loss": result["loss"], "eval_ppl": result["ppl"]}
+                if config.eval_cache:
+                    result = cache_kl(model, config.eval_cache, config.eval_max_examples, config.batch_size,
+                                      self.pad_id, "eval kl")
+                    metrics["eval_kl"] = result["kl"]
+        finally:
+            model.train()
+        return metrics
+
+    def finish(self, save_more: Callable[[], str] | None = None) -> None:
+        """Rank 0: write `save_more()`'s outputs, then final/ (the student and its tokenizer)."""
+        if self.processes.rank == 0:
+            more = save_more() if save_more else ""
+            save_model(self.output / FINAL, self.student, self.tokenizer)
+            print(f"{self.name}: {self.trainer.steps_done} steps done; the student is in {self.output / FINAL}{more}")

@@ -9,7 +9,7 @@ or torchrun) fill one cache without overlap.
 
 `routers` (a `moekd sar` routers file) runs the teacher with the routers SAR
 adapted to a student, loaded onto the original teacher after it is read
-(`pipeline.sar.apply_routers`, which refuses a file trained on another
+(`pipeline.routers.apply_routers`, which refuses a file trained on another
 teacher); the file's sha256 is part of the cache identity (teacher.routers),
 so such a cache is never mixed with one from the original teacher or from
 other routers.
@@ -26,6 +26,7 @@ from typing import ClassVar
 
 from tqdm import tqdm
 
+from pipeline.batch import collate_examples
 from pipeline.cache_format import Manifest, encoding_spec, shard_lock, shard_path, write_shard
 from pipeline.capture import capture_batch
 from pipeline.config import to_dict
@@ -33,11 +34,10 @@ from pipeline.data import PreparedData
 from pipeline.distributed import owned, worker_slot
 from pipeline.errors import MoekdError
 from pipeline.files import remove_stale_temporaries, sha256_file
-from pipeline.models import (
-    load_model, load_tokenizer, model_identity, pad_token_id, resolve_device, resolve_dtype, tokenizer_fingerprint,
-)
+from pipeline.models import load_model, load_tokenizer, model_identity, pad_token_id, resolve_device, resolve_dtype
+from pipeline.routers import apply_routers
 from pipeline.routing import RoutingConfig, RoutingHooks
-from pipeline.sar import apply_routers
+from pipeline.teacher import check_tokenizer, vocab_size
 
 
 @dataclass
@@ -69,11 +69,7 @@ def run(config: Config) -> dict:
     worker, num_workers = worker_slot(config.worker, config.num_workers)
     data = PreparedData(config.data)
     tokenizer = load_tokenizer(config.teacher)
-    if tokenizer_fingerprint(tokenizer) != data.tokenizer_fingerprint:
-        raise MoekdError(
-            f"the teacher's tokenizer ({config.teacher}) is not the one {config.data} was prepared with; "
-            "re-run `moekd prepare` with tokenizer=<teacher dir>"
-        )
+    check_tokenizer("the teacher", config.teacher, tokenizer, None, {config.data: (data.tokenizer_fingerprint, None)})
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     model = load_model(config.teacher, dtype=dtype, device=device)
@@ -81,10 +77,10 @@ def run(config: Config) -> dict:
     if config.routers:
         apply_routers(model, config.routers)
         teacher["routers"] = sha256_file(Path(config.routers))  # absent without: older caches keep their identity
-    vocab_size = model.get_output_embeddings().weight.shape[0]
-    if config.top_k > vocab_size:
-        raise MoekdError(f"top_k={config.top_k} exceeds the teacher's vocabulary ({vocab_size})")
-    num_samples = config.routing.samples if config.routing.mode == "ka" else 1
+    vocabulary = vocab_size(model)
+    if config.top_k > vocabulary:
+        raise MoekdError(f"top_k={config.top_k} exceeds the teacher's vocabulary ({vocabulary})")
+    num_samples = config.routing.samples
     num_shards = math.ceil(len(data) / config.shard_size)
     identity = {
         "teacher": teacher,
@@ -97,7 +93,7 @@ def run(config: Config) -> dict:
         "batch_size": config.batch_size,  # batch composition changes float rounding
         "dtype": str(dtype).removeprefix("torch."),
         "encoding": encoding_spec(
-            vocab_size=vocab_size, k=config.top_k, num_samples=num_samples, with_aggregate=config.aggregate
+            vocab_size=vocabulary, k=config.top_k, num_samples=num_samples, with_aggregate=config.aggregate
         ),
     }
     info = {"teacher_path": config.teacher, "routers_path": config.routers, "data_path": config.data,
@@ -110,7 +106,7 @@ def run(config: Config) -> dict:
         f"(routing={config.routing.mode}, M={num_samples}, k={config.top_k})"
     )
     with RoutingHooks(model, config.routing) as routing:
-        stats = write_shards(config, data, model, routing, manifest, todo, num_samples, vocab_size, tokenizer)
+        stats = write_shards(config, data, model, routing, manifest, todo, num_samples, vocabulary, tokenizer)
     print_summary(stats, num_samples)
     return stats
 
@@ -156,12 +152,10 @@ def teacher_records(config, data, model, routing, index, num_samples, pad_id, ba
     order = sorted(examples, key=lambda e: (len(e.input_ids), e.seq_id))
     records = []
     for start in range(0, len(order), config.batch_size):
-        batch = order[start : start + config.batch_size]
-        records += capture_batch(
-            model, routing, batch, k=config.top_k, num_samples=num_samples,
-            aggregate=config.aggregate, pad_id=pad_id,
-        )
-        bar.update(sum(len(r.positions) for r in records[-len(batch):]))
+        batch = collate_examples(order[start : start + config.batch_size], pad_id).to(model.device)
+        records += capture_batch(model, routing, batch, k=config.top_k, num_samples=num_samples,
+                                 aggregate=config.aggregate)
+        bar.update(batch.tokens)
     return sorted(records, key=lambda r: r.seq_id)
 
 

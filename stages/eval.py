@@ -35,8 +35,8 @@ from pipeline.evaluation import (
 from pipeline.files import atomic_write_bytes, atomic_write_json, read_json, remove_stale_temporaries
 from pipeline.models import (
     first_line, load_model, load_tokenizer, local_dir, model_identity, pad_token_id, resolve_device, resolve_dtype,
-    tokenizer_fingerprint,
 )
+from pipeline.teacher import cache_made_with, check_tokenizer
 
 VERSION = 2  # of what is computed; a change makes earlier stored results stale
 METRICS = (  # (key, table title, format), in the order results.md shows them
@@ -67,16 +67,37 @@ class Config:
     device: str = "auto"
     overwrite: bool = False  # recompute instead of reusing stored results
 
+    def __post_init__(self):
+        if not self.models:
+            raise ValueError("models is empty: give at least one, as {display name: model directory}")
+        for name, path in self.models.items():
+            if not isinstance(path, str) or not str(name).strip():
+                raise ValueError(f"models.{name} must map a display name to a model directory, got {path!r}")
+        if not self.data:
+            raise ValueError("data is empty: give at least one `moekd prepare` output directory")
+        if len(set(self.data)) != len(self.data):
+            raise ValueError(f"data lists a directory twice: {self.data}")
+        for name in ("max_examples", "kl_max_rows"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive number or null, got {value}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"batch_size and max_new_tokens must be positive, got {self.batch_size} and "
+                             f"{self.max_new_tokens}")
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+
 
 def run(config: Config) -> dict:
     """Evaluate every model on every split (and the cache), write the results and print the tables."""
-    check(config)
     splits = dict(zip(split_names(config.data), (PreparedData(d) for d in config.data)))
     cache = Manifest.load(Path(config.cache)) if config.cache else None
-    made_with = {str(data.directory): data.tokenizer_fingerprint for data in splits.values()}
+    made_with = {str(data.directory): (data.tokenizer_fingerprint, None) for data in splits.values()}
     if cache is not None:
-        made_with[config.cache] = cache.identity.get("tokenizer_fingerprint")
-    tokenizers = {name: checked_tokenizer(name, path, made_with) for name, path in config.models.items()}
+        made_with |= cache_made_with(config.cache)
+    tokenizers = {name: load_tokenizer(path) for name, path in config.models.items()}
+    for name, path in config.models.items():
+        check_tokenizer(f"model {name!r}", path, tokenizers[name], None, made_with)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     output = Path(config.output)
@@ -104,29 +125,6 @@ def run(config: Config) -> dict:
     return results
 
 
-def check(config: Config) -> None:
-    """Refuse settings a user can get wrong, naming the field."""
-    if not config.models:
-        raise MoekdError("models is empty: give at least one, as {display name: model directory}")
-    for name, path in config.models.items():
-        if not isinstance(path, str) or not str(name).strip():
-            raise MoekdError(f"models.{name} must map a display name to a model directory, got {path!r}")
-    if not config.data:
-        raise MoekdError("data is empty: give at least one `moekd prepare` output directory")
-    if len(set(config.data)) != len(config.data):
-        raise MoekdError(f"data lists a directory twice: {config.data}")
-    for field in ("max_examples", "kl_max_rows"):
-        value = getattr(config, field)
-        if value is not None and value < 1:
-            raise MoekdError(f"{field} must be a positive number or null, got {value}")
-    if config.batch_size < 1 or config.max_new_tokens < 1:
-        raise MoekdError(
-            f"batch_size and max_new_tokens must be positive, got {config.batch_size} and {config.max_new_tokens}"
-        )
-    if config.do_sample and not (config.temperature > 0 and 0 < config.top_p <= 1):
-        raise MoekdError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {config.temperature}, {config.top_p}")
-
-
 def cache_identity(cache: Manifest) -> str:
     """A hash of what the cache was built from and of its committed shards' contents."""
     shards = [cache.shards[i].sha256 for i in sorted(cache.shards)]
@@ -137,20 +135,6 @@ def split_names(paths: list[str]) -> list[str]:
     """Each split is named by its directory's name, or by its path where two names clash."""
     names = [Path(p).name for p in paths]
     return names if len(set(names)) == len(names) else list(paths)
-
-
-def checked_tokenizer(name: str, path: str, made_with: dict[str, str]):
-    """The model's own tokenizer, refused unless it is the one every directory in `made_with`
-    (data and cache: their tokenizer fingerprints) was made with."""
-    tokenizer = load_tokenizer(path)
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    for directory, expected in made_with.items():
-        if fingerprint != expected:
-            raise MoekdError(
-                f"model {name!r} ({path}) has a tokenizer (fingerprint {fingerprint[:12]}) other than the one "
-                f"{directory} was made with ({str(expected)[:12]}); every model must share the data's tokenizer"
-            )
-    return tokenizer
 
 
 def eval_settings(config: Config, dtype: str) -> dict:
@@ -184,13 +168,6 @@ def evaluate_model(name, path, tokenizer, splits, cache_key, cache_data, config,
     model = functools.cache(lambda: load_model(path, dtype=dtype, device=device))  # only if something is computed
     store = Path(config.output) / "computed"
     pad_id = pad_token_id(tokenizer)
-    rows = {}
-    for split, data in splits.items():
-        key = config_hash({"model": weights, "data": data.fingerprint, **settings["common"], **settings["split"]})
-        rows[split] = stored(store, key, config.overwrite, f"{name} on {split}")
-        if rows[split] is None:
-            rows[split] = evaluate_split(model(), tokenizer, data, settings, pad_id, f"{name} {split}")
-            atomic_write_json(store / f"{key}.json", rows[split])
     kl = None
     if cache_key:
         key = config_hash({"model": weights, "cache": cache_key, **settings["common"], **settings["kl"]})
@@ -198,6 +175,17 @@ def evaluate_model(name, path, tokenizer, splits, cache_key, cache_data, config,
         if kl is None:
             kl = cache_kl(model(), config.cache, config.kl_max_rows, config.batch_size, pad_id, f"{name} kl")
             atomic_write_json(store / f"{key}.json", kl)
+    rows = {}
+    for split, data in splits.items():
+        # The cache's own split: cross-entropy comes from the KL pass (the same targets), one forward fewer.
+        from_cache = kl is not None and data.fingerprint == cache_data and config.kl_max_rows is None
+        key = config_hash({"model": weights, "data": data.fingerprint, **settings["common"], **settings["split"],
+                           "losses": cache_key if from_cache else "data"})
+        rows[split] = stored(store, key, config.overwrite, f"{name} on {split}")
+        if rows[split] is None:
+            losses = {seq_id: (nll, tokens) for seq_id, _, tokens, nll in kl["examples"]} if from_cache else None
+            rows[split] = evaluate_split(model(), tokenizer, data, settings, pad_id, f"{name} {split}", losses)
+            atomic_write_json(store / f"{key}.json", rows[split])
     if kl is not None:
         attach_kl(rows, splits, cache_data, kl)
     every_row = [row for split_rows in rows.values() for row in split_rows]
@@ -215,7 +203,7 @@ def evaluate_model(name, path, tokenizer, splits, cache_key, cache_data, config,
 def attach_kl(rows: dict[str, list[dict]], splits: dict[str, PreparedData], cache_data: str | None, kl: dict) -> None:
     """Give the rows of the split the cache was made of their own KL: kl_sum (nats, summed over the row's
     cached positions) and kl_tokens, for per-example statistics."""
-    per_row = {seq_id: (kl_sum, tokens) for seq_id, kl_sum, tokens in kl["examples"]}
+    per_row = {seq_id: (kl_sum, tokens) for seq_id, kl_sum, tokens, _ in kl["examples"]}
     for split, data in splits.items():
         if data.fingerprint == cache_data:
             for row in rows[split]:
@@ -232,12 +220,16 @@ def stored(store: Path, key: str, overwrite: bool, what: str):
     return read_json(path, "stored eval result")
 
 
-def evaluate_split(model, tokenizer, data: PreparedData, settings: dict, pad_id: int, desc: str) -> list[dict]:
+def evaluate_split(model, tokenizer, data: PreparedData, settings: dict, pad_id: int, desc: str,
+                   known: dict[int, tuple[float, int]] | None = None) -> list[dict]:
     """One row per selected example: seq_id, source, nll, tokens; with generation also prompt, prediction,
-    references and rougeL (x100)."""
+    references and rougeL (x100). `known`: (nll, tokens) by seq_id, computed already."""
     examples = select_examples(data, settings["split"]["max_examples"])
     batch_size = settings["common"]["batch_size"]
-    losses = example_losses(model, examples, batch_size, pad_id, f"{desc} loss")
+    if known is not None:
+        losses = [known[e.seq_id] for e in examples]
+    else:
+        losses = example_losses(model, examples, batch_size, pad_id, f"{desc} loss")
     rows = [{"seq_id": e.seq_id, "source": e.source, "nll": nll, "tokens": n} for e, (nll, n) in zip(examples, losses)]
     generation = settings["split"]["generation"]
     if generation:

@@ -46,6 +46,14 @@ class Config:
     limit: int | None = None  # stop after this many prepared rows
     overwrite: bool = False
 
+    def __post_init__(self):
+        if not self.inputs:
+            raise ValueError("inputs is empty: give at least one data file or directory")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (a prompt and a response token), got {self.max_length}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be a positive number of rows or null, got {self.limit}")
+
 
 def run(config: Config) -> None:
     """Prepare `config.inputs` into `config.output`, or do nothing if it already holds this preparation."""
@@ -86,13 +94,7 @@ def run(config: Config) -> None:
 
 
 def check(config: Config) -> list[Path]:
-    """The input paths, after checking the settings a user can get wrong."""
-    if not config.inputs:
-        raise MoekdError("inputs is empty: give at least one data file or directory")
-    if config.max_length < 2:
-        raise MoekdError(f"max_length must be at least 2 (a prompt and a response token), got {config.max_length}")
-    if config.limit is not None and config.limit < 1:
-        raise MoekdError(f"limit must be a positive number of rows or null, got {config.limit}")
+    """The input paths, refused unless each exists."""
     inputs = [Path(p) for p in config.inputs]
     for path in inputs:
         if not path.exists():

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,3 +45,12 @@ def student_dir(tmp_path_factory, tokenizer_dir) -> Path:
 def instructions_jsonl(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     return fixtures.write_jsonl(path, fixtures.instruction_records(64))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: on a busy machine a second intra-op thread only waits (50x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

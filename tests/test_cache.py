@@ -196,7 +196,7 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, prepared, tokeniz
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     tokenizer.save_pretrained(retokenized)
     teacher = fixtures.make_moe(tmp_path / "teacher", "mixtral", retokenized)
-    with pytest.raises(MoekdError, match="not the one .* was prepared with"):
+    with pytest.raises(MoekdError, match="the teacher .* has a tokenizer .* other than the one .* was made with"):
         run_cache(tmp_path / "c", teacher, prepared)
 
 

@@ -14,13 +14,14 @@ from transformers import AutoTokenizer
 import fixtures
 import pipeline.data
 import stages.eval
+from pipeline.batch import collate_examples
 from pipeline.cache_format import Manifest, encoding_spec, read_shard, write_shard
 from pipeline.capture import capture_batch
 from pipeline.cli import main
 from pipeline.data import PreparedData, target_positions
 from pipeline.errors import MoekdError
 from pipeline.evaluation import (
-    cache_kl, generate, generate_ids, response_loss, rouge_l, select_examples, stop_token_ids,
+    cache_kl, example_losses, generate, generate_ids, response_loss, rouge_l, select_examples, stop_token_ids,
 )
 from pipeline.losses import LossConfig, sparse_divergence
 from pipeline.models import load_model, load_tokenizer
@@ -65,12 +66,13 @@ def make_cache(directory: Path, teacher, data: PreparedData, k: int, routing: Ro
     """A teacher cache of `data` written with the cache format's own writer, `shard_rows` rows per shard."""
     vocab_size = teacher.get_output_embeddings().weight.shape[0]
     encoding = dict(vocab_size=vocab_size, k=k, num_samples=routing.samples, with_aggregate=False)
-    identity = {"encoding": encoding_spec(**encoding), "tokenizer_fingerprint": data.tokenizer_fingerprint}
+    identity = {"encoding": encoding_spec(**encoding), "tokenizer_fingerprint": data.tokenizer_fingerprint,
+                "data_fingerprint": data.fingerprint}
     manifest = Manifest.open(directory, identity, {}, overwrite=False)
     with RoutingHooks(teacher, routing) as hooks:
         for index, start in enumerate(range(0, len(data), shard_rows)):
-            records = capture_batch(teacher, hooks, data.rows(start, start + shard_rows), k=k,
-                                    num_samples=routing.samples, aggregate=False, pad_id=0)
+            batch = collate_examples(data.rows(start, start + shard_rows), 0)
+            records = capture_batch(teacher, hooks, batch, k=k, num_samples=routing.samples, aggregate=False)
             manifest.commit(write_shard(directory, index, records, **encoding))
     return directory
 
@@ -306,6 +308,14 @@ def test_cli_compares_models_per_source_and_reuses_results(
             assert model["splits"][split]["overall"]["rougeL"] == pytest.approx(mean)
         assert model["overall"]["examples"] == 18
     assert teacher["kl"]["kl"] < 1e-2 < 1 < student["kl"]["kl"]
+    # The cache's split (test) has per-example KL, and its cross-entropy comes from the KL pass: the same
+    # numbers as the loss pass over the prepared rows.
+    rows = [json.loads(line) for line in (out / "predictions" / "student" / "test.jsonl").open()]
+    assert all(row["kl_tokens"] == row["tokens"] and row["kl_sum"] > 0 for row in rows)
+    examples = select_examples(test_split, 10)
+    losses = example_losses(cpu_model(lively_student_dir), examples, batch_size=4)
+    assert [row["nll"] for row in rows] == pytest.approx([nll for nll, _ in losses], rel=1e-5)
+    assert not any("kl_sum" in json.loads(line) for line in (out / "predictions" / "student" / "extra.jsonl").open())
 
     header = "| split | source | examples | teacher | student |"
     assert markdown.count(header) == 3  # ROUGE-L, perplexity, loss

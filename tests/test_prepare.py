@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import fixtures
 import pipeline.data
 from pipeline.cli import main
-from pipeline.data import PLAIN_TEMPLATE, PLAIN_TEMPLATE_NO_CONTEXT, PreparedData, collate, target_positions
+from pipeline.batch import collate_examples
+from pipeline.data import PLAIN_TEMPLATE, PLAIN_TEMPLATE_NO_CONTEXT, PreparedData, target_positions
 from pipeline.errors import MoekdError
 from stages.prepare import Config, run
 
@@ -337,27 +338,28 @@ def test_rows_slices_across_row_groups(tmp_path, tokenizer_dir, records, monkeyp
         assert [r.prompt_length for r in rows] == [e["prompt_length"] for e in expected]
 
 
-def test_collate_labels_match_target_positions(tmp_path, tokenizer_dir, student_dir, records):
+def test_batch_targets_match_target_positions(tmp_path, tokenizer_dir, student_dir, records):
     data = prepare([fixtures.write_jsonl(tmp_path / "d.jsonl", records)], tmp_path / "out", tokenizer_dir)
     examples = data.rows(0, 4)
-    batch = collate(examples, pad_id=0)
+    batch = collate_examples(examples, pad_id=0)
     longest = max(len(e.input_ids) for e in examples)
-    assert batch["input_ids"].shape == batch["labels"].shape == (4, longest)
-    assert batch["lengths"].tolist() == [len(e.input_ids) for e in examples]
+    assert batch.input_ids.shape == batch.attention_mask.shape == (4, longest)
     model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
     with torch.no_grad():
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    batch_loss = torch.nn.functional.cross_entropy(logits[batch.rows, batch.cols], batch.targets)
     # The same loss by hand: logits at each target position t against token t + 1.
     losses = []
     for i, e in enumerate(examples):
         n = len(e.input_ids)
-        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (longest - n)
-        assert (batch["input_ids"][i, n:] == 0).all() and (batch["labels"][i, n:] == -100).all()
+        assert batch.attention_mask[i].tolist() == [1] * n + [0] * (longest - n)
+        assert (batch.input_ids[i, n:] == 0).all()
         positions = torch.from_numpy(target_positions(e.response_mask))
         assert (positions + 1).tolist() == np.flatnonzero(e.response_mask).tolist()
+        assert batch.cols[batch.rows == i].tolist() == positions.tolist()
         targets = torch.from_numpy(e.input_ids[positions + 1].astype(np.int64))
-        losses.append(torch.nn.functional.cross_entropy(outputs.logits[i, positions], targets, reduction="none"))
-    assert torch.allclose(outputs.loss, torch.cat(losses).mean(), atol=1e-5)
+        losses.append(torch.nn.functional.cross_entropy(logits[i, positions], targets, reduction="none"))
+    assert torch.allclose(batch_loss, torch.cat(losses).mean(), atol=1e-5)
 
 
 def test_cli_end_to_end_with_the_example_config(tmp_path, tokenizer_dir, instructions_jsonl, capsys):

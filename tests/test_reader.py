@@ -11,9 +11,8 @@ import torch
 from pipeline.cache_format import Manifest, encoding_spec, shard_path, write_shard
 from pipeline.data import PreparedData, target_positions
 from pipeline.errors import MoekdError
-from pipeline.reader import (
-    CacheShards, PreparedShards, Reader, collate_examples, collate_records, one_sample_per_sequence,
-)
+from pipeline.batch import collate_examples, collate_records, one_sample_per_sequence
+from pipeline.reader import CacheShards, PreparedShards, Reader
 from stages import prepare
 from test_cache_format import make_records
 

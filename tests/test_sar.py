@@ -7,7 +7,9 @@ outputs are large enough that the routing moves the teacher's distribution
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import types
 import json
 import shutil
 import subprocess
@@ -28,13 +30,17 @@ from pipeline.errors import MoekdError
 from pipeline.evaluation import generate_ids, stop_token_ids
 from pipeline.files import sha256_file
 from pipeline.models import load_model, load_tokenizer, model_identity
-from pipeline.reader import PreparedShards, Reader, collate_examples
+from pipeline.batch import collate_examples
+from pipeline.logprobs import target_logprobs
+from pipeline.reader import PreparedShards, Reader
+from pipeline.routers import apply_routers, read_routers, save_routers
 from pipeline.routing import RoutingHooks, find_routers
 from pipeline.sar import (
-    RouterConfig, RouterOptimConfig, RouterTrainer, SarRoutingConfig, apply_routers, checkpoint_teacher_layers,
-    on_policy_examples, read_routers, save_routers, target_logprobs, train_routers_only,
+    RouterConfig, RouterOptimConfig, RouterTrainer, SarRoutingConfig, checkpoint_teacher_layers, on_policy_examples,
+    train_routers_only,
 )
 from pipeline.seeding import generator
+from pipeline.teacher import AdaptedTeacher
 from pipeline.training import Distributed, Trainer, load_trainer_state
 from stages import cache, prepare, sar
 
@@ -367,9 +373,13 @@ def test_ddp_on_two_processes_matches_one_process_with_both_ranks_batches(
     routing = RoutingHooks(teacher, config.routing)
     routers = train_routers_only(teacher, routing.routers)
     router_trainer = RouterTrainer(teacher, routing, routers, config.router, steps, Distributed("cpu"))
-    loop = sar.Loop(config, Distributed("cpu"), None, trainer, router_trainer, load_tokenizer(student_dir), None)
-    for step, logged in enumerate(metrics(tmp_path / "ddp")):
-        expected = loop.step([streams[0][step], streams[1][step]])  # both ranks' batches in one process
+    teacher = AdaptedTeacher(str(prepared), shard_size, str(teacher_dir("mixtral")), teacher, routing,
+                             contextlib.nullcontext)
+    run = types.SimpleNamespace(student=student, trainer=trainer, teacher=teacher, pad_id=PAD,
+                                processes=Distributed("cpu"), autocast=contextlib.nullcontext)
+    step = sar.Step(config, run, router_trainer, stop_token_ids(load_tokenizer(student_dir), student))
+    for index, logged in enumerate(metrics(tmp_path / "ddp")):
+        expected = step([streams[0][index], streams[1][index]])  # both ranks' batches in one process
         for key in ("loss", "ce", "kd", "grad_norm", "router_loss", "kl", "balance", "router_grad_norm"):
             assert logged[key] == pytest.approx(expected[key], rel=1e-5), key
         torch.testing.assert_close(torch.tensor(logged["router_prob"]), torch.tensor(expected["router_prob"]))
@@ -388,11 +398,12 @@ def test_a_dense_teacher_and_other_tokenizers_or_vocabularies_are_refused(
     other_tokenizer = tmp_path / "other_tokenizer"
     shutil.copytree(student_dir, other_tokenizer)
     AutoTokenizer.from_pretrained(tokenizer_dir, eos_token="<|endoftext|>").save_pretrained(other_tokenizer)
-    with pytest.raises(MoekdError, match=f"the student's tokenizer \\({other_tokenizer}.* is not the one {prepared}"):
+    with pytest.raises(MoekdError, match=f"the student \\({other_tokenizer}\\) has a tokenizer .* other than the one "
+                                         f"{prepared} was made with"):
         run_sar(tmp_path / "tokenizer", teacher_dir("mixtral"), other_tokenizer, prepared)
     bigger = fixtures.make_student(tmp_path / "bigger", tokenizer_dir, vocab_size=fixtures.VOCAB_SIZE + 16)
-    with pytest.raises(MoekdError, match=f"vocabulary of {fixtures.VOCAB_SIZE} but the student .* has "
-                                         f"{fixtures.VOCAB_SIZE + 16}"):
+    with pytest.raises(MoekdError, match=f"the student .* has a vocabulary of {fixtures.VOCAB_SIZE + 16} but "
+                                         f"{teacher_dir('mixtral')} has {fixtures.VOCAB_SIZE}"):
         run_sar(tmp_path / "vocabulary", teacher_dir("mixtral"), bigger, prepared)
 
 

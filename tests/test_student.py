@@ -15,13 +15,7 @@ from pipeline.errors import MoekdError
 from pipeline.student_init import Width, choose_width, importance, make_student, refit_down
 from stages import student as student_stage
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
 
 def encode(records, tokenizer) -> list[tuple[list[int], int]]:

@@ -25,8 +25,10 @@ from pipeline.errors import MoekdError
 from pipeline.losses import LossConfig
 from pipeline.models import load_model
 from pipeline.data import PreparedData
-from pipeline.reader import CacheShards, PreparedShards, Reader, collate_examples, collate_records
+from pipeline.batch import collate_examples, collate_records
+from pipeline.reader import CacheShards, PreparedShards, Reader
 from pipeline.routing import RoutingConfig
+from pipeline.teacher import OnlineTeacher
 from pipeline.training import Distributed, OptimConfig, Trainer
 from stages import cache, prepare, train
 
@@ -119,21 +121,19 @@ def test_offline_kd_from_the_cache_equals_online_kd(tmp_path, splits, teacher, k
         assert off["ce"] == pytest.approx(on["ce"], rel=2.0**-11) and off["kd"] == pytest.approx(on["kd"], rel=2.0**-11)
 
 
-def test_the_teacher_in_the_loop_computes_the_cached_records(splits, teacher, ka_cache, student_dir):
+def test_the_teacher_in_the_loop_computes_the_cached_records(splits, teacher, ka_cache):
     settings = dict(batch_size=8, shuffle_shards=4, seed=0)
     cached = next(Reader(CacheShards(ka_cache), collate=functools.partial(collate_records, pad_id=PAD), **settings)
                   .batches(0))
     prepared = next(Reader(PreparedShards(PreparedData(splits["train"]), SHARD_SIZE),
                            collate=functools.partial(collate_examples, pad_id=PAD), **settings).batches(0))
     assert prepared.seq_ids == cached.seq_ids and torch.equal(prepared.targets, cached.targets)
-    student = load_model(student_dir, dtype="float32", device="cpu")
     computed = {}
     for seed in (KA.seed, KA.seed + 1):
-        config = train.Config(output="unused", student=str(student_dir), data=str(splits["train"]),
-                              teacher=str(teacher), routing=RoutingConfig(mode="ka", samples=2, lam=0.5, seed=seed),
-                              top_k=32, device="cpu")
+        routing = RoutingConfig(mode="ka", samples=2, lam=0.5, seed=seed)
         with contextlib.ExitStack() as stack:
-            online = train.online_teacher(config, student, PAD, torch.device("cpu"), stack)(prepared)
+            online = OnlineTeacher(str(splits["train"]), SHARD_SIZE, str(teacher), routing, 32, False, torch.float32,
+                                   torch.device("cpu"), stack).teach(prepared)
         order = online.teacher_ids.argsort(-1)  # the cache stores each token's ids in ascending order
         computed[seed] = (online.teacher_ids.gather(-1, order), online.teacher_logprobs.gather(-1, order))
     ids, logprobs = computed[KA.seed]
@@ -234,11 +234,12 @@ def test_a_student_with_another_tokenizer_or_vocabulary_is_refused(tmp_path, ka_
     other_tokenizer = tmp_path / "other_tokenizer"
     shutil.copytree(student_dir, other_tokenizer)
     AutoTokenizer.from_pretrained(tokenizer_dir, eos_token="<|endoftext|>").save_pretrained(other_tokenizer)
-    with pytest.raises(MoekdError, match=f"the student's tokenizer \\({other_tokenizer}.* is not the one {ka_cache}"):
+    with pytest.raises(MoekdError, match=f"the student \\({other_tokenizer}\\) has a tokenizer .* other than the one "
+                                         f"{ka_cache} was made with"):
         run_train(tmp_path / "a", other_tokenizer, cache=ka_cache)
     assert not (tmp_path / "a").exists()  # refused before writing: a corrected re-run starts cleanly
     bigger = fixtures.make_student(tmp_path / "bigger", tokenizer_dir, vocab_size=fixtures.VOCAB_SIZE + 16)
-    with pytest.raises(MoekdError, match=f"vocabulary of {fixtures.VOCAB_SIZE + 16} but the teacher of {ka_cache} "
+    with pytest.raises(MoekdError, match=f"vocabulary of {fixtures.VOCAB_SIZE + 16} but {ka_cache} "
                                          f"has {fixtures.VOCAB_SIZE}"):
         run_train(tmp_path / "b", bigger, cache=ka_cache)
 

@@ -29,16 +29,8 @@ from stages import upcycle as upcycle_stage
 HIDDEN, INTERMEDIATE, LAYERS = 32, 128, 3
 
 # A zero-size shared expert makes torch warn that it cannot init an empty tensor.
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: on a busy machine a second intra-op thread only waits (50x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore:Initializing zero-element tensors"),
+              pytest.mark.usefixtures("one_thread")]  # tiny models (conftest)
 
 
 def tiny_llama(seed: int = 0, clusters: int = 0, family: str = "llama", **overrides):

@@ -1,0 +1,94 @@
+"""A training batch: right-padded sequences, their targets, and the teacher's distributions at them.
+
+One batch type for every source of teacher knowledge: a cache's records
+(`collate_records`, sparse top-k), prepared rows (`collate_examples`, no
+teacher yet: SFT, or a teacher run on the batch, `pipeline.teacher`).
+Training, SAR and evaluation all read targets from it, so they agree on
+which position predicts which token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from pipeline.cache_format import TeacherRecord
+from pipeline.data import PreparedExample, padded, target_positions
+from pipeline.seeding import generator
+
+
+TENSORS = ("input_ids", "attention_mask", "rows", "cols", "targets", "teacher_ids", "teacher_logprobs")
+
+
+@dataclass
+class Batch:
+    """Right-padded sequences, their training targets and (optionally) the teacher's distributions at them.
+
+    Target j is row `rows[j]`, position `cols[j]`: the logits there predict
+    `targets[j] = input_ids[rows[j], cols[j] + 1]`. The teacher is sparse
+    (`teacher_ids` and `teacher_logprobs` (M, N, k), a cache's top-k) or dense
+    (`teacher_ids` None, `teacher_logprobs` (M, N, V), SAR's adapted teacher).
+    """
+
+    seq_ids: list[int]
+    input_ids: torch.Tensor  # (B, L) long
+    attention_mask: torch.Tensor  # (B, L) long
+    rows: torch.Tensor  # (N,) long
+    cols: torch.Tensor  # (N,) long
+    targets: torch.Tensor  # (N,) long
+    teacher_ids: torch.Tensor | None = None  # (M, N, k) long
+    teacher_logprobs: torch.Tensor | None = None  # (M, N, k) or (M, N, V) float32, normalised over the vocabulary
+    examples: list[PreparedExample] | None = None  # prepared rows, for a teacher in the loop
+
+    @property
+    def tokens(self) -> int:
+        return len(self.targets)
+
+    def to(self, device: torch.device) -> "Batch":
+        tensors = {name: getattr(self, name) for name in TENSORS}
+        return replace(self, **{name: t if t is None else t.to(device, non_blocking=True) for name, t in tensors.items()})
+
+
+def make_batch(seq_ids: list[int], sequences: list[np.ndarray], positions: list[np.ndarray], pad_id: int) -> Batch:
+    """The batch of right-padded `sequences` whose targets follow `positions` (per sequence)."""
+    input_ids, attention_mask = padded(sequences, pad_id)
+    rows = torch.repeat_interleave(torch.arange(len(sequences)), torch.tensor([len(p) for p in positions]))
+    cols = torch.from_numpy(np.concatenate(positions).astype(np.int64))
+    return Batch(seq_ids, input_ids, attention_mask, rows, cols, input_ids[rows, cols + 1])
+
+
+def collate_records(records: list[TeacherRecord], pad_id: int, aggregate: bool = False) -> Batch:
+    """A batch with the records' teacher: all M samples (M, N, k), or their stored aggregate (1, N, k)."""
+    batch = make_batch([r.seq_id for r in records], [r.input_ids for r in records],
+                       [r.positions for r in records], pad_id)
+    if aggregate:
+        ids = np.concatenate([r.agg_ids for r in records])[None]
+        logprobs = np.concatenate([r.agg_logprobs for r in records])[None]
+    else:
+        ids = np.concatenate([r.topk_ids for r in records], axis=1)
+        logprobs = np.concatenate([r.topk_logprobs for r in records], axis=1)
+    batch.teacher_ids = torch.from_numpy(ids.astype(np.int64))
+    batch.teacher_logprobs = torch.from_numpy(logprobs.astype(np.float32))
+    return batch
+
+
+def collate_examples(examples: list[PreparedExample], pad_id: int) -> Batch:
+    """A batch of prepared rows without a teacher (SFT, or a teacher run later); keeps the examples."""
+    batch = make_batch([e.seq_id for e in examples], [e.input_ids for e in examples],
+                       [target_positions(e.response_mask) for e in examples], pad_id)
+    batch.examples = examples
+    return batch
+
+
+def one_sample_per_sequence(batch: Batch, seed: int, step: int) -> Batch:
+    """Keep one of the M teacher samples per sequence, drawn from (seed, step, seq_id)."""
+    num_samples = batch.teacher_ids.shape[0]
+    picks = torch.tensor([
+        int(torch.randint(num_samples, (), generator=generator(seed, "ka sample", step, seq_id)))
+        for seq_id in batch.seq_ids
+    ], device=batch.rows.device)
+    sample, token = picks[batch.rows], torch.arange(batch.tokens, device=batch.rows.device)
+    return replace(batch, teacher_ids=batch.teacher_ids[sample, token][None],
+                   teacher_logprobs=batch.teacher_logprobs[sample, token][None])

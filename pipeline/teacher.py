@@ -1,0 +1,169 @@
+"""What the teacher says at a batch's targets, whether read from a cache or computed now: one interface.
+
+A training run reads its rows through a teacher (`shards`, `collate`) and
+hands every batch to `teach`, which returns the same `pipeline.batch.Batch`
+with the teacher's distributions at the batch's targets:
+
+- `Labels`: no teacher, prepared rows and their labels (SFT);
+- `CachedTeacher`: a `moekd cache` directory; its records are the rows and
+  already carry the teacher's top-k;
+- `OnlineTeacher`: a teacher model and its routing, run on every batch as
+  stage one would run it (the same top-k and KA draws as a cache made with
+  those settings, before the cache's float16 rounding);
+- `AdaptedTeacher`: SAR's, the teacher under routers being trained; its
+  full-vocabulary log-probs at the targets.
+
+Each records what it was made with (tokenizer fingerprint, vocabulary size)
+in `made_with`, and `check_tokenizer` is the one check that a model shares
+them, for every stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pipeline.batch import Batch, collate_examples, collate_records
+from pipeline.cache_format import Manifest, verify_cache
+from pipeline.capture import teacher_topk
+from pipeline.data import PreparedData
+from pipeline.errors import MoekdError
+from pipeline.logprobs import target_logprobs
+from pipeline.models import load_model, load_tokenizer, tokenizer_fingerprint
+from pipeline.reader import CacheShards, PreparedShards
+from pipeline.routing import RoutingConfig, RoutingHooks
+
+# What a model must agree with: a directory -> (its tokenizer fingerprint, its vocabulary size or None).
+MadeWith = dict[str, tuple[str | None, int | None]]
+
+
+def vocab_size(model) -> int:
+    """The number of rows of the model's output embeddings: the ids its distributions range over."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_tokenizer(who: str, path, tokenizer, vocabulary: int | None, made_with: MadeWith) -> None:
+    """Refuse model `who` (at `path`) unless its tokenizer, and its vocabulary size where both are known,
+    are those every directory in `made_with` was made with."""
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    for directory, (expected, expected_vocabulary) in made_with.items():
+        if fingerprint != expected:
+            raise MoekdError(
+                f"{who} ({path}) has a tokenizer (fingerprint {fingerprint[:12]}) other than the one {directory} "
+                f"was made with ({str(expected)[:12]}): teacher, student and data must share one tokenizer "
+                "(prepare the data with the teacher's)"
+            )
+        if None not in (vocabulary, expected_vocabulary) and vocabulary != expected_vocabulary:
+            raise MoekdError(f"{who} ({path}) has a vocabulary of {vocabulary} but {directory} has "
+                             f"{expected_vocabulary}; they must match")
+
+
+def cache_made_with(cache: str) -> MadeWith:
+    """What the teacher of a cache was made with."""
+    identity = Manifest.load(Path(cache)).identity
+    return {cache: (identity.get("tokenizer_fingerprint"), identity["encoding"]["vocab_size"])}
+
+
+class Labels:
+    """No teacher: the rows of a prepared directory in pseudo-shards of `shard_size`, batches unchanged."""
+
+    def __init__(self, data: str, shard_size: int):
+        self.data, self.shard_size = PreparedData(data), shard_size
+        self.made_with: MadeWith = {data: (self.data.tokenizer_fingerprint, None)}
+        self.description = f"SFT on {data}"
+
+    def shards(self) -> PreparedShards:
+        return PreparedShards(self.data, self.shard_size)
+
+    def collate(self, rows: list, pad_id: int) -> Batch:
+        return collate_examples(rows, pad_id)
+
+    def verify(self) -> None:
+        """Checks worth running once, on one process, before a run starts (none here)."""
+
+    def teach(self, batch: Batch) -> Batch:
+        return batch
+
+
+class CachedTeacher:
+    """A complete `moekd cache` directory: rows are its records, with all M samples or their aggregate."""
+
+    def __init__(self, cache: str, aggregate: bool = False):
+        manifest = Manifest.load(Path(cache))
+        expected = manifest.identity.get("num_shards")
+        if expected is not None and len(manifest.shards) != expected:
+            raise MoekdError(f"teacher cache {cache} is incomplete: {len(manifest.shards)} of {expected} shards "
+                             "committed; finish it with `moekd cache` first")
+        if aggregate and not manifest.identity["encoding"]["aggregate"]:
+            raise MoekdError(f"ka_samples=aggregate but teacher cache {cache} stores no aggregate "
+                             "(build it with aggregate=true, or use ka_samples=mean)")
+        self.cache, self.aggregate = cache, aggregate
+        self.made_with = cache_made_with(cache)
+        self.description = f"offline KD from {cache}"
+
+    def shards(self) -> CacheShards:
+        return CacheShards(self.cache)
+
+    def collate(self, rows: list, pad_id: int) -> Batch:
+        return collate_records(rows, pad_id, self.aggregate)
+
+    def verify(self) -> None:
+        """Hash and check every shard; refuse a cache that fails."""
+        start = time.perf_counter()
+        problems = verify_cache(Path(self.cache))
+        if problems:
+            raise MoekdError(f"teacher cache {self.cache} failed verification ({len(problems)} problems, e.g. "
+                             f"{problems[0]}); `moekd verify {self.cache}` lists them. Rebuild the damaged shards "
+                             "with `moekd cache`.")
+        size = sum(s.bytes for s in Manifest.load(Path(self.cache)).shards.values())
+        print(f"verified {self.cache} ({size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f}s")
+
+    def teach(self, batch: Batch) -> Batch:
+        return batch
+
+
+class OnlineTeacher(Labels):
+    """A teacher model run on every batch of prepared rows with `routing`, keeping `top_k` log-probs per
+    target and sample (or of their aggregate): what a cache made with those settings would hold."""
+
+    def __init__(self, data: str, shard_size: int, teacher: str, routing: RoutingConfig, top_k: int,
+                 aggregate: bool, dtype: torch.dtype, device: torch.device, stack: contextlib.ExitStack):
+        super().__init__(data, shard_size)
+        tokenizer = load_tokenizer(teacher)
+        check_tokenizer("the teacher", teacher, tokenizer, None, self.made_with)
+        self.model = load_model(teacher, dtype=dtype, device=device)
+        if top_k > vocab_size(self.model):
+            raise MoekdError(f"top_k={top_k} exceeds the vocabulary of the teacher ({teacher}): "
+                             f"{vocab_size(self.model)}")
+        self.routing = stack.enter_context(RoutingHooks(self.model, routing))
+        self.top_k, self.num_samples, self.aggregate = top_k, routing.samples, aggregate
+        self.made_with[teacher] = (tokenizer_fingerprint(tokenizer), vocab_size(self.model))
+        self.description = f"online KD from {teacher} on {data} (routing={routing.mode})"
+
+    def teach(self, batch: Batch) -> Batch:
+        top = teacher_topk(self.model, self.routing, batch, k=self.top_k, num_samples=self.num_samples,
+                           aggregate=self.aggregate)
+        ids, logprobs = (top[2][None], top[3][None]) if self.aggregate else top[:2]
+        return replace(batch, teacher_ids=ids, teacher_logprobs=logprobs)
+
+
+class AdaptedTeacher(Labels):
+    """SAR's teacher: `model` routed by `routing` (its routers being trained), over prepared rows; it
+    teaches its full-vocabulary log-probs (1, N, V) at the targets."""
+
+    def __init__(self, data: str, shard_size: int, teacher: str, model, routing: RoutingHooks,
+                 autocast: Callable[[], contextlib.AbstractContextManager]):
+        super().__init__(data, shard_size)
+        check_tokenizer("the teacher", teacher, load_tokenizer(teacher), None, self.made_with)
+        self.model, self.routing, self.autocast = model, routing, autocast
+        self.made_with[teacher] = (self.made_with[data][0], vocab_size(model))
+        self.description = f"SAR with {teacher} on {data}"
+
+    def teach(self, batch: Batch) -> Batch:
+        with torch.no_grad(), self.autocast(), self.routing.sequences(batch.seq_ids, 0, batch.attention_mask):
+            return replace(batch, teacher_logprobs=target_logprobs(self.model, batch)[None])
