@@ -11,4 +11,4 @@ fi
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install --disable-pip-version-check -q torch==2.13.0
 fi
-python -m pip install --disable-pip-version-check -q -c scripts/constraints.txt -e '.[dev]'
+python -m pip install --disable-pip-version-check -q -c scripts/constraints.txt -e '.[dev,study]'

@@ -51,13 +51,7 @@ COMPARED = ("loss", "ce", "kd", "grad_norm", "tokens", "router_loss", "kl", "bal
             "router_entropy", "topk_load", "router_prob")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models run many times faster on one thread than on two that a busy machine shares."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
 
 @pytest.fixture(scope="module")
