@@ -60,7 +60,10 @@ after its file is complete, so the manifest lists exactly the finished shards.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +73,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import MoekdError
-from pipeline.files import FileLock, atomic_write, atomic_write_json, read_json, sha256_file
+from pipeline.files import (
+    FileLock, atomic_write, atomic_write_json, open_confined, plain_directory, read_confined, read_json, sha256_file,
+)
 
 FORMAT_NAME = "moekd-teacher-cache"
 FORMAT_VERSION = 1
@@ -260,11 +265,17 @@ def _parquet_encodings(table: pa.Table) -> dict[str, str]:
 # ---------------------------------------------------------------- reading
 
 
-def read_shard(path: Path, rows: list[int] | None = None) -> list[TeacherRecord]:
-    """Decode a shard (or the rows at the given row indices, in that order)."""
-    path = Path(path)
+def read_shard(path, rows: list[int] | None = None) -> list[TeacherRecord]:
+    """Decode a shard file you trust (or the rows at the given row indices, in that order).
+
+    `path` is a local path or any pyarrow source (e.g. a `pa.BufferReader`).
+    Readers of a cache someone handed you use `Manifest.read_shard`, which
+    first checks the bytes against the manifest.
+    """
+    source = path
+    path = path if isinstance(path, (str, Path)) else "<bytes>"
     try:
-        file = pq.ParquetFile(path)
+        file = pq.ParquetFile(source)
         spec = _file_spec(file, path)
         table = file.read() if rows is None else _read_rows(file, rows, path)
     except (pa.ArrowException, OSError) as e:
@@ -272,8 +283,8 @@ def read_shard(path: Path, rows: list[int] | None = None) -> list[TeacherRecord]
     return _decode(table, spec)
 
 
-def read_shard_index(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(seq_ids, number of stored positions T) per row, reading only the small columns."""
+def read_shard_index(path) -> tuple[np.ndarray, np.ndarray]:
+    """(seq_ids, number of stored positions T) per row, reading only the small columns (any pyarrow source)."""
     try:
         table = pq.read_table(path, columns=["seq_id", "positions"])
     except (pa.ArrowException, OSError) as e:
@@ -374,6 +385,9 @@ class Manifest:
         if "encoding" not in identity:
             raise ValueError("identity must include 'encoding' (see encoding_spec)")
         identity, info = _as_json(identity), _as_json(info)
+        if overwrite and (cache_dir / SHARDS).is_symlink():
+            os.unlink(cache_dir / SHARDS)  # the link itself goes; what it points to is left alone
+        plain_directory(cache_dir / SHARDS, "the cache's shard directory")
         with _manifest_lock(cache_dir):
             if (cache_dir / MANIFEST).exists():
                 try:
@@ -399,20 +413,52 @@ class Manifest:
 
     @classmethod
     def load(cls, cache_dir: Path) -> "Manifest":
-        """Read `cache_dir/manifest.json`, with a clear error if it is missing or malformed."""
+        """Read `cache_dir/manifest.json`, checked field by field: a missing, malformed or foreign manifest is
+        a one-line error. Each shard's file must be `shards/shard-NNNNN.parquet` for its own index, so no
+        entry can point outside the cache."""
         cache_dir = Path(cache_dir)
         path = cache_dir / MANIFEST
+        if path.is_symlink():
+            raise MoekdError(f"{path} is a symbolic link; a cache's manifest must be its own file")
         data = read_json(path, "teacher-cache manifest")
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise MoekdError(f"{path} is not a moekd teacher-cache manifest (format must be {FORMAT_NAME!r})")
         if data.get("version") != FORMAT_VERSION:
             raise MoekdError(f"{path} has cache format version {data.get('version')!r}; this moekd "
                              f"reads version {FORMAT_VERSION}. Rebuild the cache (overwrite=true).")
+        problem = _manifest_problem(data)
+        if problem:
+            raise MoekdError(f"{path} is malformed: {problem}")
+        shards = {s["index"]: ShardInfo(**s) for s in data["shards"]}
+        return cls(cache_dir, data["identity"], data["info"], shards)
+
+    def shard_bytes(self, index: int) -> bytes:
+        """Shard `index` as committed: read without following links below the cache directory, and refused
+        unless its size and sha256 are the manifest's (it may have changed since it was committed)."""
+        info = self.shards[index]
+        data = read_confined(self.directory, info.file, "shard file")
+        if len(data) != info.bytes or hashlib.sha256(data).hexdigest() != info.sha256:
+            raise MoekdError(f"teacher-cache shard {self.directory / info.file} does not match its manifest entry "
+                             f"(size or sha256): it changed after it was committed. `moekd verify "
+                             f"{self.directory}` lists the damage; rebuild those shards with `moekd cache`.")
+        return data
+
+    def read_shard(self, index: int, rows: list[int] | None = None) -> list[TeacherRecord]:
+        """The records of shard `index` (or of its `rows`), from bytes checked against the manifest."""
         try:
-            shards = {s["index"]: ShardInfo(**s) for s in data["shards"]}
-            return cls(cache_dir, dict(data["identity"]), dict(data["info"]), shards)
-        except (KeyError, TypeError, ValueError) as e:
-            raise MoekdError(f"{path} is malformed: {type(e).__name__}: {e}") from None
+            return read_shard(pa.BufferReader(self.shard_bytes(index)), rows)
+        except IndexError as e:  # rows the manifest promised but the shard lacks
+            raise _unreadable(self.directory / self.shards[index].file, e) from None
+
+    def read_shard_index(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(seq_ids, T) of shard `index` from its small columns, opened confined and its size checked (the
+        whole file is hashed when `read_shard` reads it)."""
+        info = self.shards[index]
+        with os.fdopen(open_confined(self.directory, info.file, "shard file"), "rb") as f:
+            if os.fstat(f.fileno()).st_size != info.bytes:
+                raise MoekdError(f"teacher-cache shard {self.directory / info.file} is not the size its manifest "
+                                 f"entry says ({info.bytes} bytes); run `moekd verify {self.directory}`")
+            return read_shard_index(f)
 
     def reload(self) -> "Manifest":
         """The manifest as it is on disk now (other processes may have committed since)."""
@@ -462,9 +508,49 @@ def _differences(old, new, prefix: str = "") -> list[str]:
 
 
 def _remove_cache(cache_dir: Path) -> None:
-    for path in (cache_dir / SHARDS).glob("shard-*.parquet"):
+    """Delete the shards and the manifest (links among them are removed, never followed)."""
+    for path in plain_directory(cache_dir / SHARDS, "the cache's shard directory").glob("shard-*.parquet"):
         path.unlink()
     (cache_dir / MANIFEST).unlink(missing_ok=True)
+
+
+SHARD_FILE = re.compile(rf"{SHARDS}/shard-(\d{{5,}})\.parquet")
+SHARD_FIELDS = {"index": int, "file": str, "rows": int, "tokens": int, "bytes": int, "sha256": str}
+ENCODING_FIELDS = {"vocab_size": int, "k": int, "num_samples": int, "aggregate": bool}
+
+
+def _manifest_problem(data: dict) -> str | None:
+    """What is wrong with a parsed manifest (format and version checked), or None."""
+    for key, kind in (("identity", dict), ("info", dict), ("shards", list)):
+        if not isinstance(data.get(key), kind):
+            return f"{key} must be a JSON {'object' if kind is dict else 'list'}"
+    encoding = data["identity"].get("encoding")
+    if not isinstance(encoding, dict):
+        return "identity.encoding must be an object"
+    for key, kind in ENCODING_FIELDS.items():
+        value = encoding.get(key)
+        if type(value) is not kind or (kind is int and value < 1):
+            return f"identity.encoding.{key} must be a {'positive integer' if kind is int else kind.__name__}"
+    for key, kind in (("num_shards", int), ("tokenizer_fingerprint", str), ("data_fingerprint", str)):
+        if key in data["identity"] and type(data["identity"][key]) is not kind:
+            return f"identity.{key} must be a {kind.__name__}"
+    seen = set()
+    for i, shard in enumerate(data["shards"]):
+        if not isinstance(shard, dict) or set(shard) != set(SHARD_FIELDS):
+            return f"shards[{i}] must be an object with exactly {', '.join(SHARD_FIELDS)}"
+        for key, kind in SHARD_FIELDS.items():
+            if type(shard[key]) is not kind or (kind is int and shard[key] < 0):
+                return f"shards[{i}].{key} must be a {'non-negative integer' if kind is int else 'string'}"
+        match = SHARD_FILE.fullmatch(shard["file"])
+        if not match or int(match[1]) != shard["index"]:
+            return (f"shards[{i}].file is {shard['file']!r}, not {SHARDS}/shard-{shard['index']:05d}.parquet "
+                    "(a shard's file is named by its index, inside the cache)")
+        if not re.fullmatch(r"[0-9a-f]{64}", shard["sha256"]):
+            return f"shards[{i}].sha256 is not a sha256 hex digest"
+        if shard["index"] in seen:
+            return f"shards[{i}] repeats shard index {shard['index']}"
+        seen.add(shard["index"])
+    return None
 
 
 # ---------------------------------------------------------------- verification
@@ -473,9 +559,7 @@ def _remove_cache(cache_dir: Path) -> None:
 def verify_cache(cache_dir: Path) -> list[str]:
     """Check every committed shard against the manifest; one line per problem, [] if all good."""
     manifest = Manifest.load(cache_dir)
-    spec = manifest.identity.get("encoding")
-    if not isinstance(spec, dict):
-        raise MoekdError(f"{Path(cache_dir) / MANIFEST} has no identity.encoding")
+    spec = manifest.identity["encoding"]
     problems = []
     for index in sorted(manifest.shards):
         info = manifest.shards[index]
@@ -484,17 +568,19 @@ def verify_cache(cache_dir: Path) -> list[str]:
 
 
 def _shard_problems(cache_dir: Path, info: ShardInfo, spec: dict) -> list[str]:
-    path = cache_dir / info.file
-    if not path.is_file():
+    try:
+        data = read_confined(cache_dir, info.file, "shard file")
+    except FileNotFoundError:
         return ["file is missing"]
+    except (MoekdError, OSError) as e:
+        return [f"cannot be read: {e}"]
     problems = []
-    size = path.stat().st_size
-    if size != info.bytes:
-        problems.append(f"size is {size} bytes but the manifest says {info.bytes}")
-    elif sha256_file(path) != info.sha256:
+    if len(data) != info.bytes:
+        problems.append(f"size is {len(data)} bytes but the manifest says {info.bytes}")
+    elif hashlib.sha256(data).hexdigest() != info.sha256:
         problems.append("sha256 differs from the manifest (the file changed after it was committed)")
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as e:
         return problems + [f"unreadable Parquet file: {e}"]
     return problems + _content_problems(table, info, spec)

@@ -36,7 +36,7 @@ from rouge_score import rouge_scorer
 from tqdm import tqdm
 
 from pipeline.batch import Batch, collate_examples, collate_records
-from pipeline.cache_format import Manifest, read_shard
+from pipeline.cache_format import Manifest
 from pipeline.data import PreparedData, PreparedExample, Template, padded
 from pipeline.errors import MoekdError
 from pipeline.logprobs import chunks, target_hidden, vocab_logprobs
@@ -173,7 +173,7 @@ def cache_kl(
             count = min(shard.rows, total_rows - len(examples))
             if count <= 0:
                 break
-            records = read_shard(cache_dir / shard.file, None if count == shard.rows else list(range(count)))
+            records = manifest.read_shard(shard.index, None if count == shard.rows else list(range(count)))
             for start in range(0, count, batch_size):
                 batch = collate_records(records[start : start + batch_size], pad_id)
                 nll, kl = batch_nll(model, batch, teacher=True)

@@ -114,6 +114,50 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def confined_parts(relative: str, what: str) -> tuple[str, ...]:
+    """The components of a relative path another party wrote, refused if it could leave its directory."""
+    parts = Path(relative).parts if isinstance(relative, str) else ()
+    if not parts or Path(relative).is_absolute() or any(p in ("..", ".") for p in parts):
+        raise MoekdError(f"{what} {relative!r} is not a plain relative path inside its directory")
+    return parts
+
+
+def open_confined(directory: Path, relative: str, what: str = "path") -> int:
+    """A read-only file descriptor of `directory/relative`, opened without following any link below
+    `directory` (each component with O_NOFOLLOW), so a name written by someone else cannot lead out."""
+    parts = confined_parts(relative, what)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i, part in enumerate(parts):
+            flags = os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECTORY if i < len(parts) - 1 else 0)
+            try:
+                child = os.open(part, flags, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise MoekdError(f"{Path(directory) / relative}: {'/'.join(parts[: i + 1])} is a symbolic link "
+                                     "or not a directory; moekd reads only files inside the directory itself") from None
+                raise
+            os.close(fd)
+            fd = child
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_confined(directory: Path, relative: str, what: str = "path") -> bytes:
+    """The bytes of `directory/relative`, read as `open_confined` opens it."""
+    with os.fdopen(open_confined(directory, relative, what), "rb") as f:
+        return f.read()
+
+
+def plain_directory(path: Path, what: str) -> Path:
+    """`path` as a directory moekd may write and delete in: refused if it is a symbolic link."""
+    if Path(path).is_symlink():
+        raise MoekdError(f"{path} ({what}) is a symbolic link; moekd writes and deletes only in plain directories")
+    return Path(path)
+
+
 class FileLock:
     """An exclusive advisory lock (flock) on `path`, released when the process dies.
 
@@ -126,8 +170,7 @@ class FileLock:
         self.fd: int | None = None
 
     def try_acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -137,9 +180,18 @@ class FileLock:
         return True
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = self._open()
         fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def _open(self) -> int:
+        # O_NOFOLLOW: a lock file someone replaced by a link must not create or touch the link's target.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise MoekdError(f"{self.path} is a symbolic link; moekd's lock files must be plain files") from None
+            raise
 
     def release(self) -> None:
         if self.fd is not None:

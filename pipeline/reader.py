@@ -3,7 +3,7 @@
 Rows come in shards: a cache's shards, or, for prepared data without a cache
 (SFT, online KD), row ranges of `shard_size` rows ("pseudo-shards"). Each
 epoch follows a plan built from metadata only (seq ids and the number of
-training targets T per row, `read_shard_index`), seeded by (seed, epoch):
+training targets T per row, `Manifest.read_shard_index`), seeded by (seed, epoch):
 
 1. shuffle the shard order; rank r of W takes shards r, r + W, ... of it, so
    ranks never share a row;
@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline.cache_format import Manifest, TeacherRecord, read_shard, read_shard_index
+from pipeline.cache_format import Manifest, TeacherRecord
 from pipeline.data import PreparedData, PreparedExample
 from pipeline.seeding import derive_seed
 
@@ -44,21 +44,22 @@ from pipeline.seeding import derive_seed
 # ---------------------------------------------------------------- shard sources
 
 class CacheShards:
-    """The committed shards of a teacher cache, in shard-index order; a row is a TeacherRecord."""
+    """The committed shards of a teacher cache, in shard-index order; a row is a TeacherRecord. Every read is
+    checked against the manifest (`Manifest.read_shard`)."""
 
     def __init__(self, cache_dir: str | Path):
-        manifest = Manifest.load(Path(cache_dir))
-        self.paths = [Path(cache_dir) / manifest.shards[i].file for i in sorted(manifest.shards)]
+        self.manifest = Manifest.load(Path(cache_dir))
+        self.indices = sorted(self.manifest.shards)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.indices)
 
     def index(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """(seq_ids, target counts T) of the shard's rows, from its small columns only."""
-        return read_shard_index(self.paths[shard])
+        return self.manifest.read_shard_index(self.indices[shard])
 
     def read(self, shard: int) -> list[TeacherRecord]:
-        return read_shard(self.paths[shard])
+        return self.manifest.read_shard(self.indices[shard])
 
 
 class PreparedShards:

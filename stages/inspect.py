@@ -1,4 +1,10 @@
-"""Summarise a teacher-logit cache and show the teacher's top tokens for one sequence."""
+"""Summarise a teacher-logit cache and show the teacher's top tokens for one sequence.
+
+A cache may come from another team: the summary shows '?' for whatever its
+manifest does not say, the sequence view reads its shard checked against the
+manifest, and no path written in the manifest is followed (the tokenizer is
+given on the command line).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from pipeline.cache_format import Manifest, read_shard, shard_path
+from pipeline.cache_format import Manifest
 from pipeline.errors import MoekdError
-from pipeline.models import load_tokenizer
+from pipeline.models import honours_remote_code, load_tokenizer
 
 
 @dataclass
@@ -19,9 +25,11 @@ class Config:
     seq: int | None = None  # a sequence (prepared row) to show; None = summary only
     top: int = 5  # tokens shown per position and sample
     max_positions: int = 16  # positions shown
-    tokenizer: str | None = None  # default: the teacher path recorded in the manifest
+    tokenizer: str | None = None  # the teacher's tokenizer directory: decodes the sequence view
+    trust_remote_code: bool = False  # let the model/tokenizer directories run their own Python code (off: never)
 
 
+@honours_remote_code
 def run(config: Config) -> None:
     manifest = Manifest.load(config.cache)
     print(summary(manifest))
@@ -31,27 +39,36 @@ def run(config: Config) -> None:
 
 def summary(manifest: Manifest) -> str:
     identity, shards = manifest.identity, list(manifest.shards.values())
-    encoding = identity["encoding"]
+    encoding = identity["encoding"]  # checked by Manifest.load; the rest may be absent in a foreign cache
     tokens = sum(s.tokens for s in shards)
     size = sum(s.bytes for s in shards)
     samples = encoding["num_samples"]
+    teacher = said(identity, "teacher")
     lines = [
         f"cache      {manifest.directory}",
-        f"teacher    {manifest.info.get('teacher_path', '?')} ({identity['teacher']['model_type']}, "
-        f"weights {identity['teacher']['weights_fingerprint'][:12]})",
-        f"data       {manifest.info.get('data_path', '?')} (fingerprint {identity['data_fingerprint'][:12]}, "
-        f"{identity['rows']} sequences)",
-        f"routing    {routing_text(identity['routing'])}",
+        f"teacher    {said(manifest.info, 'teacher_path')} ({said(teacher, 'model_type')}, "
+        f"weights {str(said(teacher, 'weights_fingerprint'))[:12]})",
+        f"data       {said(manifest.info, 'data_path')} (fingerprint {str(said(identity, 'data_fingerprint'))[:12]}, "
+        f"{said(identity, 'rows')} sequences)",
+        f"routing    {routing_text(said(identity, 'routing'))}",
         f"stored     top-{encoding['k']} of vocab {encoding['vocab_size']}, M={samples} samples"
-        f"{' + aggregate' if encoding['aggregate'] else ''}, dtype {identity['dtype']}",
-        f"shards     {len(shards)}/{identity['num_shards']} committed, {identity['shard_size']} sequences each",
+        f"{' + aggregate' if encoding['aggregate'] else ''}, dtype {said(identity, 'dtype')}",
+        f"shards     {len(shards)}/{said(identity, 'num_shards')} committed, {said(identity, 'shard_size')} "
+        "sequences each",
         f"tokens     {tokens} response tokens, {size / 1e6:.2f} MB"
         + (f", {size / (tokens * samples):.1f} bytes/token/sample" if tokens else ""),
     ]
     return "\n".join(lines)
 
 
-def routing_text(routing: dict) -> str:
+def said(section, key: str):
+    """What a manifest section says under `key`, or '?'."""
+    return section.get(key, "?") if isinstance(section, dict) else "?"
+
+
+def routing_text(routing) -> str:
+    if not isinstance(routing, dict) or not {"mode", "samples", "lam", "k_s", "seed", "top_p"} <= set(routing):
+        return "?"
     mode = routing["mode"]
     if mode == "ka":
         k_s = routing["k_s"] if routing["k_s"] is not None else "k"
@@ -60,14 +77,21 @@ def routing_text(routing: dict) -> str:
 
 
 def sequence_view(manifest: Manifest, config: Config) -> str:
-    shard = config.seq // manifest.identity["shard_size"]
-    if not 0 <= config.seq < manifest.identity["rows"]:
-        raise MoekdError(f"seq {config.seq} is out of range (the cache covers {manifest.identity['rows']} sequences)")
+    shard_size, rows = said(manifest.identity, "shard_size"), said(manifest.identity, "rows")
+    if not (type(shard_size) is int and shard_size > 0 and type(rows) is int):
+        raise MoekdError(f"{manifest.directory}'s manifest does not say how its rows are sharded "
+                         "(identity.shard_size and identity.rows); it was not written by `moekd cache`")
+    if config.tokenizer is None:
+        raise MoekdError(f"showing a sequence needs tokenizer=<the teacher's tokenizer directory> (the manifest "
+                         f"records teacher_path {said(manifest.info, 'teacher_path')!r}; moekd does not follow "
+                         "paths a cache names)")
+    shard = config.seq // shard_size
+    if not 0 <= config.seq < rows:
+        raise MoekdError(f"seq {config.seq} is out of range (the cache covers {rows} sequences)")
     if shard not in manifest.committed():
         raise MoekdError(f"seq {config.seq} is in shard {shard}, which is not written yet")
-    row = config.seq - shard * manifest.identity["shard_size"]
-    record = read_shard(shard_path(manifest.directory, shard), rows=[row])[0]
-    tokenizer = load_tokenizer(config.tokenizer or manifest.info.get("teacher_path", ""))
+    record = manifest.read_shard(shard, rows=[config.seq - shard * shard_size])[0]
+    tokenizer = load_tokenizer(config.tokenizer)
     show = lambda i: repr(tokenizer.decode([int(i)]))  # noqa: E731 - repr makes spaces and newlines visible
     lines = [f"\nsequence {config.seq}: {len(record.input_ids)} tokens, {len(record.positions)} stored positions"]
     for t, position in enumerate(record.positions[: config.max_positions]):
