@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -136,12 +137,15 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where} must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             with contextlib.suppress(ValueError):
-                return float(value)
-        raise ConfigError(f"{where} must be a number, got {value!r}")
+                number = float(value)
+        if number is None or not math.isfinite(number):  # .inf or .nan would train NaN weights
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

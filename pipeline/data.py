@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.errors import MoekdError
+from pipeline.errors import MoekdError, first_line
 from pipeline.files import atomic_write, read_json
 
 FORMAT = "moekd-prepared"
@@ -40,15 +40,19 @@ PLAIN_TEMPLATE_NO_CONTEXT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 # ---------------------------------------------------------------- reading records
 
-def read_records(path: Path) -> Iterator[dict | str]:
+MAX_RECORD_BYTES = 1 << 20  # a record's text beyond this is refused before it is tokenized
+
+
+def read_records(path: Path, max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[dict | str]:
     """The records of one input; a string in place of a record is the reason it was unreadable.
 
-    JSONL lines are decoded one by one, so one bad line is skipped, not the file.
+    JSONL lines are decoded one by one, so one bad line is skipped, not the file;
+    a line longer than `max_record_bytes` is skipped unparsed.
     """
     if path.is_dir():
         yield from read_with_datasets(path)
     elif path.suffix in (".jsonl", ".ndjson"):
-        yield from read_jsonl(path)
+        yield from read_jsonl(path, max_record_bytes)
     elif path.suffix == ".json":
         yield from read_json_records(path)
     elif path.suffix == ".parquet":
@@ -57,9 +61,12 @@ def read_records(path: Path) -> Iterator[dict | str]:
         yield from read_with_datasets(path)
 
 
-def read_jsonl(path: Path) -> Iterator[dict | str]:
+def read_jsonl(path: Path, max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[dict | str]:
     with open(path, "rb") as f:
         for line in f:
+            if len(line) > max_record_bytes:
+                yield "record_too_large"
+                continue
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError:
@@ -72,7 +79,7 @@ def read_jsonl(path: Path) -> Iterator[dict | str]:
 def parse_json_record(text: str) -> dict | str:
     try:
         record = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than Python's stack
         return "malformed_json"
     return record if isinstance(record, dict) else "not_a_record"
 
@@ -88,6 +95,8 @@ def read_json_records(path: Path) -> Iterator[dict | str]:
     except json.JSONDecodeError:
         yield from read_jsonl(path)
         return
+    except RecursionError:
+        raise MoekdError(f"{path} is nested too deeply to read as JSON") from None
     records = document.get("data") if isinstance(document, dict) else document
     if not isinstance(records, list):
         raise MoekdError(f"{path} must hold a JSON list of records or an object with a \"data\" list")
@@ -116,8 +125,8 @@ def read_with_datasets(path: Path) -> Iterator[dict]:
             # Streaming reads the file lazily instead of converting it into the HF cache first.
             loaded = datasets.load_dataset(str(path.parent), data_files=path.name, streaming=True)
         yield from single_split(loaded, path)
-    except (OSError, ValueError) as e:  # includes FileNotFoundError and UnicodeDecodeError
-        raise MoekdError(f"cannot read {path} with the datasets library: {e}") from None
+    except (OSError, ValueError, RuntimeError) as e:  # FileNotFoundError, UnicodeDecodeError; a loading script
+        raise MoekdError(f"cannot read {path} with the datasets library: {first_line(e)}") from None
 
 
 def single_split(loaded, path: Path):
@@ -252,7 +261,7 @@ def fit_length(ids: list[int], prompt_length: int, max_length: int, truncation: 
 
 def example_from_record(
     record: dict, fields: RecordFields, template: Template, max_length: int, default_source: str,
-    truncation: Truncation = "left",
+    truncation: Truncation = "left", max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> dict | str:
     """A prepared row (SCHEMA's columns, and "cut": what truncation removed) from one record, or the reason
     it is skipped (`fit_length`)."""
@@ -266,8 +275,15 @@ def example_from_record(
         references = [references]
     if not isinstance(references, list):
         return "not_string"
-    if not all(isinstance(t, str) for t in [instruction, response, context, source, *references]):
+    texts = [instruction, response, context, source, *references]
+    if not all(isinstance(t, str) for t in texts):
         return "not_string"
+    try:
+        size = sum(len(t.encode("utf-8")) for t in texts)
+    except UnicodeEncodeError:  # a lone surrogate (JSON allows "\ud800"): not text a tokenizer takes
+        return "invalid_text"
+    if size > max_record_bytes:
+        return "record_too_large"
     if not instruction.strip() or not response.strip():
         return "empty_field"
     full_ids, full_prompt_length = template.encode(instruction, context, response)

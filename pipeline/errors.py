@@ -7,3 +7,9 @@ class MoekdError(Exception):
     The CLI prints it without a traceback and exits with status 2; anything else
     escaping a stage is a bug and keeps its traceback.
     """
+
+
+def first_line(error: Exception) -> str:
+    """An exception's message cut to its first line (transformers' load errors can list hundreds of classes)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

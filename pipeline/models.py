@@ -8,16 +8,19 @@ tokenizer is in use.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.config import config_hash
-from pipeline.errors import MoekdError
+from pipeline.errors import MoekdError, first_line
 from pipeline.files import atomic_directory, atomic_write_json
 
 DTYPES = {
@@ -61,6 +64,27 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch
     return DTYPES[dtype]
 
 
+# Whether models and tokenizers may run Python code shipped in their directories (transformers'
+# trust_remote_code). False unless a stage's `trust_remote_code` setting says so; never asked on stdin.
+REMOTE_CODE = contextvars.ContextVar("trust_remote_code", default=False)
+# What a weights file that is not plain tensors raises when loaded safely (pickled code is refused).
+LOAD_ERRORS = (OSError, ValueError, pickle.UnpicklingError, EOFError)
+
+
+def honours_remote_code(run):
+    """Decorate a stage's `run(config)`: models it loads may run their own code iff config.trust_remote_code."""
+
+    @functools.wraps(run)
+    def wrapper(config, *args, **kwargs):
+        token = REMOTE_CODE.set(bool(config.trust_remote_code))
+        try:
+            return run(config, *args, **kwargs)
+        finally:
+            REMOTE_CODE.reset(token)
+
+    return wrapper
+
+
 def local_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():
@@ -68,36 +92,44 @@ def local_dir(path: str | Path, what: str) -> Path:
     return path
 
 
-def first_line(error: Exception) -> str:
-    """transformers' load errors can list hundreds of model classes; the first line says it."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in local directory `path`."""
     path = local_dir(path, "tokenizer")
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=REMOTE_CODE.get())
+    except LOAD_ERRORS as e:
         raise MoekdError(
             f"{path} does not hold a usable tokenizer (tokenizer.json / tokenizer_config.json): {first_line(e)}"
         ) from None
 
 
+def load_config(path: str | Path):
+    """The model config saved in local directory `path` (no weights read)."""
+    from transformers import AutoConfig
+
+    directory = local_dir(path, "model")
+    try:
+        return AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=REMOTE_CODE.get())
+    except LOAD_ERRORS as e:
+        raise MoekdError(f"cannot read the model config in {directory}: {first_line(e)}") from None
+
+
 def load_model(
     path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"
 ) -> PreTrainedModel:
-    """The causal LM saved in local directory `path`, on `device` in `dtype`, in eval mode."""
+    """The causal LM saved in local directory `path`, on `device` in `dtype`, in eval mode. Weights load
+    safely (safetensors, or pickles of tensors only); code in the directory runs only under
+    `honours_remote_code` with trust_remote_code set."""
     path = local_dir(path, "model")
     if not (path / "config.json").is_file():
         raise MoekdError(f"{path} has no config.json; is it a transformers model directory?")
     resolved = resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(dtype, resolved), device_map=resolved, local_files_only=True
+            path, dtype=resolve_dtype(dtype, resolved), device_map=resolved, local_files_only=True,
+            trust_remote_code=REMOTE_CODE.get(),
         )
-    except (OSError, ValueError) as e:
+    except LOAD_ERRORS as e:
         raise MoekdError(f"cannot load a causal language model from {path}: {first_line(e)}") from None
     return model.eval()
 

@@ -46,7 +46,7 @@ from pipeline.losses import Divergence, LossConfig, dense_divergence
 from pipeline.routers import set_router_parameters
 from pipeline.routing import Router, RoutingConfig, RoutingHooks, load_balancing_loss, top_experts
 from pipeline.seeding import generator
-from pipeline.training import Distributed, OptimConfig, begin_step, make_optimizer
+from pipeline.training import Distributed, OptimConfig, begin_step, make_optimizer, require_finite
 
 @dataclass
 class SarRoutingConfig(RoutingConfig):
@@ -187,10 +187,12 @@ class RouterTrainer:
         for param in self.routers.values():
             self.processes.sum(param.grad)
         grad_norm = nn.utils.clip_grad_norm_(self.routers.values(), self.config.optim.grad_clip or math.inf)
+        divergence, kl, balance, real = self.processes.sum(sums).tolist()
+        require_finite(self.steps_done + 1, router_divergence=divergence, balance=balance,
+                       router_grad_norm=grad_norm.item())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
-        divergence, kl, balance, real = self.processes.sum(sums).tolist()
         divergence, kl, balance = divergence / max(tokens, 1), kl / max(tokens, 1), balance / parts
         stats = (self.processes.sum(torch.stack(stats).sum(0)) / max(real, 1)).cpu()
         experts = (stats.shape[1] - 1) // 2

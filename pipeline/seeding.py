@@ -34,10 +34,12 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    """The global RNG states (python, numpy, torch CPU and CUDA), for checkpoints."""
+    """The global RNG states (python, numpy, torch CPU and CUDA), for checkpoints: tensors and plain data
+    only, so a checkpoint loads with torch.load(weights_only=True) and can never carry code."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -47,7 +49,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

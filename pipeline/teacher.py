@@ -15,7 +15,9 @@ with the teacher's distributions at the batch's targets:
 
 Each records what it was made with (tokenizer fingerprint, vocabulary size)
 in `made_with`, and `check_tokenizer` is the one check that a model shares
-them, for every stage.
+them, for every stage; and what it is, by content, in `inputs` (the data's
+fingerprint, the cache's identity, the teacher's weights), which a run records
+so that it never resumes against another teacher.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from pipeline.capture import teacher_topk
 from pipeline.data import PreparedData
 from pipeline.errors import MoekdError
 from pipeline.logprobs import target_logprobs
-from pipeline.models import load_model, load_tokenizer, tokenizer_fingerprint
+from pipeline.config import config_hash
+from pipeline.models import load_model, load_tokenizer, model_identity, tokenizer_fingerprint
 from pipeline.reader import CacheShards, PreparedShards
 from pipeline.routing import RoutingConfig, RoutingHooks
 
@@ -63,6 +66,16 @@ def check_tokenizer(who: str, path, tokenizer, vocabulary: int | None, made_with
                              f"{expected_vocabulary}; they must match")
 
 
+def content(identity: dict) -> dict:
+    """A model identity without its path: what the model is, wherever it lies."""
+    return {k: v for k, v in identity.items() if k not in ("path", "name")}
+
+
+def cache_inputs(cache: str) -> str:
+    """A cache by content: the hash of its manifest's identity (teacher, data, routing, encoding, ...)."""
+    return config_hash(Manifest.load(Path(cache)).identity)
+
+
 def cache_made_with(cache: str) -> MadeWith:
     """What the teacher of a cache was made with."""
     identity = Manifest.load(Path(cache)).identity
@@ -75,6 +88,7 @@ class Labels:
     def __init__(self, data: str, shard_size: int):
         self.data, self.shard_size = PreparedData(data), shard_size
         self.made_with: MadeWith = {data: (self.data.tokenizer_fingerprint, None)}
+        self.inputs = {"data": self.data.fingerprint}
         self.description = f"SFT on {data}"
 
     def shards(self) -> PreparedShards:
@@ -104,6 +118,7 @@ class CachedTeacher:
                              "(build it with aggregate=true, or use ka_samples=mean)")
         self.cache, self.aggregate = cache, aggregate
         self.made_with = cache_made_with(cache)
+        self.inputs = {"cache": cache_inputs(cache)}
         self.description = f"offline KD from {cache}"
 
     def shards(self) -> CacheShards:
@@ -143,6 +158,7 @@ class OnlineTeacher(Labels):
         self.routing = stack.enter_context(RoutingHooks(self.model, routing))
         self.top_k, self.num_samples, self.aggregate = top_k, routing.samples, aggregate
         self.made_with[teacher] = (tokenizer_fingerprint(tokenizer), vocab_size(self.model))
+        self.inputs["teacher"] = content(model_identity(teacher, self.model))
         self.description = f"online KD from {teacher} on {data} (routing={routing.mode})"
 
     def teach(self, batch: Batch) -> Batch:
@@ -162,6 +178,7 @@ class AdaptedTeacher(Labels):
         check_tokenizer("the teacher", teacher, load_tokenizer(teacher), None, self.made_with)
         self.model, self.routing, self.autocast = model, routing, autocast
         self.made_with[teacher] = (self.made_with[data][0], vocab_size(model))
+        self.inputs["teacher"] = content(model_identity(teacher, model))
         self.description = f"SAR with {teacher} on {data}"
 
     def teach(self, batch: Batch) -> Batch:

@@ -25,6 +25,7 @@ import contextlib
 import functools
 import json
 import math
+import pickle
 import re
 import shutil
 import time
@@ -40,23 +41,26 @@ from tqdm import tqdm
 
 from pipeline.config import to_dict
 from pipeline.distributed import worker_slot
-from pipeline.errors import MoekdError
+from pipeline.errors import MoekdError, first_line
 from pipeline.files import (
-    atomic_directory, atomic_write_bytes, atomic_write_json, read_json, remove_stale_directories,
+    FileLock, atomic_directory, atomic_write_bytes, atomic_write_json, read_json, remove_stale_directories,
 )
 from pipeline.batch import Batch
 from pipeline.data import PreparedData
 from pipeline.evaluation import cache_kl, response_loss
 from pipeline.logprobs import target_hidden, vocab_logprobs
 from pipeline.losses import LossConfig, distillation_loss
-from pipeline.models import load_model, load_tokenizer, pad_token_id, resolve_device, save_model
+from pipeline.models import (
+    load_config, load_model, load_tokenizer, model_identity, pad_token_id, resolve_device, save_model,
+)
 from pipeline.reader import Reader
 from pipeline.seeding import derive_seed, rng_state, seed_everything, set_rng_state
-from pipeline.teacher import MadeWith, cache_made_with, check_tokenizer, vocab_size
+from pipeline.teacher import MadeWith, cache_inputs, cache_made_with, check_tokenizer, content, vocab_size
 
 TRAINER_STATE = "trainer.pt"
 CHECKPOINT_NAME = re.compile(r"step-(\d{8})")
 RUN_FILE = "run.json"
+RUN_LOCK = "run.lock"  # held by the one process that runs in the directory
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -116,6 +120,7 @@ class RunConfig:
     gradient_checkpointing: bool = False  # the student: recompute activations in backward (less memory)
     device: str = "auto"
     overwrite: bool = False  # replace a run made with other settings
+    trust_remote_code: bool = False  # let the model/tokenizer directories run their own Python code (off: never)
 
     def __post_init__(self):
         for name in ("batch_size", "epochs", "shuffle_shards", "shard_size", "prefetch", "keep_checkpoints"):
@@ -259,6 +264,17 @@ class StudentLoss(nn.Module):
         return sums.total(self.loss.alpha, normalizer), torch.stack([sums.ce, sums.kd]).detach()
 
 
+def require_finite(step: int, **values: float) -> None:
+    """Stop the run before optimizer step `step` is taken if a loss or gradient is not finite (every rank
+    sees the same all-reduced values): the weights are never updated, saved or logged as NaN."""
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+    if bad:
+        shown = ", ".join(f"{name} {value}" for name, value in bad.items())
+        raise MoekdError(f"step {step}: {shown}; the step was not taken and nothing of it was saved. Lower the "
+                         "learning rate or the temperature, check the teacher cache (`moekd verify`), or resume "
+                         "from the last checkpoint with other settings (overwrite=true)")
+
+
 class Trainer:
     """The student, its AdamW and schedule, and `step`: one optimizer step over micro-batches."""
 
@@ -288,10 +304,11 @@ class Trainer:
                 loss.backward()
             sums += batch_sums.float()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip or math.inf)
+        ce, kd = (self.processes.sum(sums) / max(tokens, 1)).tolist()
+        require_finite(self.steps_done + 1, ce=ce, kd=kd, grad_norm=grad_norm.item())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
-        ce, kd = (self.processes.sum(sums) / max(tokens, 1)).tolist()
         alpha = self.loss.alpha
         return {"loss": (1 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd, "lr": lr,
                 "grad_norm": grad_norm.item(), "tokens": tokens}
@@ -321,18 +338,28 @@ def checkpoints(directory: Path) -> list[Path]:
 def save_checkpoint(directory: Path, step: int, model, tokenizer, state: dict, keep: int) -> Path:
     """Write checkpoint `step` (the model, its tokenizer and `state`), then drop all but the newest `keep`."""
     path = Path(directory) / f"step-{step:08d}"
-    with atomic_directory(path) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        torch.save(state, tmp / TRAINER_STATE)
+    try:
+        with atomic_directory(path) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            torch.save(state, tmp / TRAINER_STATE)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        raise MoekdError(f"could not write checkpoint {path} ({first_line(e)}; is the disk full?); the earlier "
+                         "checkpoints are intact: free some space and re-run the same command to resume") from None
     for old in checkpoints(directory)[:-keep]:
         shutil.rmtree(old)
     return path
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
-    # Our own file; it holds numpy RNG states, which weights_only loading refuses.
-    return torch.load(Path(checkpoint) / TRAINER_STATE, weights_only=False)
+    """A checkpoint's trainer.pt: tensors and plain data only (weights_only), so a checkpoint someone hands
+    you cannot run code; anything else is refused in one line."""
+    path = Path(checkpoint) / TRAINER_STATE
+    try:
+        return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
+        raise MoekdError(f"{path} is not a moekd trainer state holding only tensors and plain data "
+                         f"({type(e).__name__}: {first_line(e)}); moekd does not load it") from None
 
 
 def save_run_checkpoint(directory: Path, processes: Distributed, model, tokenizer, keep: int, parts: dict,
@@ -381,8 +408,20 @@ class MetricsLog:
         atomic_write_bytes(self.path, "".join(kept).encode())
 
     def append(self, record: dict) -> None:
+        """Append one line of strict JSON (a non-finite number, e.g. an empty evaluation's, becomes null)."""
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite(record), allow_nan=False) + "\n")
+
+
+def finite(value):
+    """`value` with every non-finite float replaced by None, through lists and dicts."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------- the run directory
@@ -406,7 +445,9 @@ def inspect_output(output: Path, identity: dict, overwrite: bool) -> str | None:
     """
     run_file = Path(output) / RUN_FILE
     if run_file.is_file():
-        changed = changed_settings(read_json(run_file, "run settings"), identity)
+        recorded = read_json(run_file, "run settings")
+        recorded = {key: recorded.get(key) for key in identity} if isinstance(recorded, dict) else {}
+        changed = changed_settings(recorded, identity)
         if changed and not overwrite:
             raise MoekdError(f"{output} holds a run with other settings: {'; '.join(changed)}. "
                              "Set overwrite=true to replace it, or choose another output directory.")
@@ -531,11 +572,14 @@ class Run:
         self.identity, self.latest = open_run(config, self.processes, RESUMABLE_WITH_CHANGES)
         self.autocast_dtype = autocast_dtype(config.dtype, self.processes.device)
         self.log = MetricsLog(self.output / METRICS_FILE)
+        self.lock: FileLock | None = None
 
     def __enter__(self) -> Run:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()
         self.processes.stop()
 
     @property
@@ -573,7 +617,7 @@ class Run:
         check_tokenizer("the student", config.student, self.tokenizer, vocab_size(self.student),
                         teacher.made_with | self.held_out())
         processes.on_rank0(teacher.verify)
-        processes.on_rank0(lambda: start_output(self.output, self.identity, self.latest, self.also_clear))
+        processes.on_rank0(lambda: self.take_directory(self.inputs(teacher)))
         self.teacher, self.pad_id = teacher, pad_token_id(self.tokenizer)
         self.reader = Reader(teacher.shards(), batch_size=config.batch_size, shuffle_shards=config.shuffle_shards,
                              seed=config.seed, collate=functools.partial(teacher.collate, pad_id=self.pad_id),
@@ -583,6 +627,37 @@ class Run:
         self.trainer = Trainer(self.student, config.optim, config.loss, self.total_steps, processes,
                                self.autocast_dtype)
         self.eval_data = PreparedData(config.eval_data) if config.eval_data else None
+
+    def inputs(self, teacher) -> dict:
+        """What the run learns from, by content: the teacher's inputs, the starting student, held-out data."""
+        config = self.config
+        inputs = dict(teacher.inputs)
+        inputs["student"] = content(model_identity(config.student, load_config(config.student)))
+        if config.eval_data:
+            inputs["eval_data"] = PreparedData(config.eval_data).fingerprint
+        if config.eval_cache:
+            inputs["eval_cache"] = cache_inputs(config.eval_cache)
+        return inputs
+
+    def take_directory(self, inputs: dict) -> None:
+        """Rank 0: hold the run directory's lock for the run's life (a second process on it is refused),
+        refuse to resume against other inputs than the run's, record the settings and inputs."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.output / RUN_LOCK)
+        if not lock.try_acquire():
+            raise MoekdError(f"{self.output} is in use by another moekd process (it holds {lock.path}); wait for "
+                             "it to end, or choose another output")
+        self.lock = lock
+        if inspect_output(self.output, self.identity, self.config.overwrite) != self.latest:
+            raise MoekdError(f"{self.output} changed while this run was starting; re-run the command")
+        if self.latest is not None:
+            recorded = read_json(self.output / RUN_FILE, "run settings").get("inputs")
+            changed = changed_settings(recorded if isinstance(recorded, dict) else {}, inputs)
+            if changed:
+                raise MoekdError(f"{self.output} holds a run of other inputs than these: {'; '.join(changed)}. "
+                                 "A run never resumes against another teacher, student or data: restore them, "
+                                 "or choose another output")
+        start_output(self.output, self.identity | {"inputs": inputs}, self.latest, self.also_clear)
 
     def resume(self, **parts) -> None:
         """Load the newest checkpoint's states into the trainer and `parts` (or seed a new run), then say

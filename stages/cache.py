@@ -34,7 +34,9 @@ from pipeline.data import PreparedData
 from pipeline.distributed import owned, worker_slot
 from pipeline.errors import MoekdError
 from pipeline.files import remove_stale_temporaries, sha256_file
-from pipeline.models import load_model, load_tokenizer, model_identity, pad_token_id, resolve_device, resolve_dtype
+from pipeline.models import (
+    honours_remote_code, load_model, load_tokenizer, model_identity, pad_token_id, resolve_device, resolve_dtype,
+)
 from pipeline.routers import apply_routers
 from pipeline.routing import RoutingConfig, RoutingHooks
 from pipeline.teacher import check_tokenizer, vocab_size
@@ -57,6 +59,7 @@ class Config:
     worker: int | None = None
     num_workers: int | None = None
     overwrite: bool = False  # replace a cache made with another teacher/data/config
+    trust_remote_code: bool = False  # let the model/tokenizer directories run their own Python code (off: never)
 
     def __post_init__(self):
         if self.top_k < 1 or self.shard_size < 1 or self.batch_size < 1:
@@ -65,6 +68,7 @@ class Config:
             raise ValueError("aggregate=true needs routing.mode=ka (it averages the KA samples)")
 
 
+@honours_remote_code
 def run(config: Config) -> dict:
     worker, num_workers = worker_slot(config.worker, config.num_workers)
     data = PreparedData(config.data)

@@ -23,18 +23,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoConfig
-
 from pipeline.cache_format import Manifest
 from pipeline.config import config_hash, to_dict
 from pipeline.data import PreparedData
-from pipeline.errors import MoekdError
 from pipeline.evaluation import (
     cache_kl, example_losses, generate, rouge_l, select_examples, summarize, summarize_by_source,
 )
 from pipeline.files import atomic_write_bytes, atomic_write_json, read_json, remove_stale_temporaries
 from pipeline.models import (
-    first_line, load_model, load_tokenizer, local_dir, model_identity, pad_token_id, resolve_device, resolve_dtype,
+    honours_remote_code, load_config, load_model, load_tokenizer, model_identity, pad_token_id, resolve_device,
+    resolve_dtype,
 )
 from pipeline.teacher import cache_made_with, check_tokenizer
 
@@ -66,6 +64,7 @@ class Config:
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     device: str = "auto"
     overwrite: bool = False  # recompute instead of reusing stored results
+    trust_remote_code: bool = False  # let the model/tokenizer directories run their own Python code (off: never)
 
     def __post_init__(self):
         if not self.models:
@@ -88,6 +87,7 @@ class Config:
             raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
 
 
+@honours_remote_code
 def run(config: Config) -> dict:
     """Evaluate every model on every split (and the cache), write the results and print the tables."""
     splits = dict(zip(split_names(config.data), (PreparedData(d) for d in config.data)))
@@ -153,17 +153,9 @@ def eval_settings(config: Config, dtype: str) -> dict:
     }
 
 
-def model_config(path: str):
-    directory = local_dir(path, "model")
-    try:
-        return AutoConfig.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise MoekdError(f"cannot read the model config in {directory}: {first_line(e)}") from None
-
-
 def evaluate_model(name, path, tokenizer, splits, cache_key, cache_data, config, settings, device, dtype):
     """(results.json entry, example rows per split) of one model, reusing stored results where they match."""
-    identity = model_identity(path, model_config(path))
+    identity = model_identity(path, load_config(path))
     weights = {k: v for k, v in identity.items() if k not in ("path", "name")}  # moving a model keeps its results
     model = functools.cache(lambda: load_model(path, dtype=dtype, device=device))  # only if something is computed
     store = Path(config.output) / "computed"

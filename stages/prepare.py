@@ -20,12 +20,12 @@ from tqdm import tqdm
 
 from pipeline.config import config_hash, to_dict
 from pipeline.data import (
-    DATA_FILE, FORMAT, META_FILE, VERSION, RecordFields, Template, Truncation, example_from_record,
+    DATA_FILE, FORMAT, MAX_RECORD_BYTES, META_FILE, VERSION, RecordFields, Template, Truncation, example_from_record,
     read_records, write_prepared_data,
 )
 from pipeline.errors import MoekdError
 from pipeline.files import atomic_write_json, read_json, remove_stale_temporaries, sha256_file
-from pipeline.models import load_tokenizer, tokenizer_fingerprint
+from pipeline.models import honours_remote_code, load_tokenizer, tokenizer_fingerprint
 
 
 @dataclass
@@ -44,17 +44,22 @@ class Config:
     max_length: int = 512
     truncation: Truncation = "left"  # over-long examples: left = drop the prompt's start; skip = drop the example
     limit: int | None = None  # stop after this many prepared rows
+    max_record_bytes: int = MAX_RECORD_BYTES  # a record with more text is skipped before it is tokenized
     overwrite: bool = False
+    trust_remote_code: bool = False  # let the model/tokenizer directories run their own Python code (off: never)
 
     def __post_init__(self):
         if not self.inputs:
             raise ValueError("inputs is empty: give at least one data file or directory")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 (a prompt and a response token), got {self.max_length}")
+        if self.max_record_bytes < 1:
+            raise ValueError(f"max_record_bytes must be positive, got {self.max_record_bytes}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be a positive number of rows or null, got {self.limit}")
 
 
+@honours_remote_code
 def run(config: Config) -> None:
     """Prepare `config.inputs` into `config.output`, or do nothing if it already holds this preparation."""
     inputs = check(config)
@@ -136,6 +141,7 @@ def prepared_fingerprint(config: Config, inputs: list[Path], tokenizer_fp: str, 
         "template": template_text,
         "max_length": config.max_length,
         "truncation": config.truncation,
+        "max_record_bytes": config.max_record_bytes,
         "fields": [config.instruction_field, config.context_field, config.response_field,
                    config.references_field, config.source_field],
         "limit": config.limit,
@@ -149,9 +155,9 @@ def examples(config: Config, inputs: list[Path], template: Template, counts, ski
         config.references_field, config.source_field,
     )
     for path in inputs:
-        for record in read_records(path):
+        for record in read_records(path, config.max_record_bytes):
             row = record if isinstance(record, str) else example_from_record(
-                record, fields, template, config.max_length, path.stem, config.truncation
+                record, fields, template, config.max_length, path.stem, config.truncation, config.max_record_bytes
             )
             if isinstance(row, str):
                 skipped[row] += 1

@@ -48,7 +48,7 @@ import torch
 from pipeline.batch import Batch, collate_examples
 from pipeline.evaluation import stop_token_ids
 from pipeline.logprobs import target_logprobs
-from pipeline.models import load_model, model_identity, resolve_dtype
+from pipeline.models import honours_remote_code, load_model, model_identity, resolve_dtype
 from pipeline.routers import save_routers
 from pipeline.routing import RoutingHooks
 from pipeline.sar import (
@@ -84,6 +84,7 @@ class Config(RunConfig):
             raise ValueError(f"routing.samples={self.routing.samples}: SAR runs one teacher sample per step")
 
 
+@honours_remote_code
 def run(config: Config) -> dict:
     """Run (or resume, or find finished) the SAR run in `config.output`; the last step's metrics."""
     with Run(config, "sar", also_clear=(ROUTERS_FILE,)) as run:

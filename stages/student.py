@@ -21,7 +21,7 @@ from pathlib import Path
 from pipeline.data import calibration_ids
 from pipeline.errors import MoekdError
 from pipeline.files import read_json, sha256_file
-from pipeline.models import load_model, load_tokenizer, model_identity, save_model
+from pipeline.models import honours_remote_code, load_model, load_tokenizer, model_identity, save_model
 from pipeline.student_init import check_width, choose_width, importance, make_student, refit_down
 
 REPORT = "student.json"
@@ -41,8 +41,10 @@ class Config:
     calibration_tokens: int = 16384
     sequence_length: int = 256
     overwrite: bool = False
+    trust_remote_code: bool = False  # let the model/tokenizer directories run their own Python code (off: never)
 
 
+@honours_remote_code
 def run(config: Config) -> None:
     """Write the student to `config.output`, unless it is already there."""
     source = load_model(config.source, dtype="float32", device="cpu")

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from pipeline.batch import Batch, one_sample_per_sequence
-from pipeline.models import resolve_dtype
+from pipeline.models import honours_remote_code, resolve_dtype
 from pipeline.routing import RoutingConfig
 from pipeline.teacher import CachedTeacher, Labels, OnlineTeacher
 from pipeline.training import Run, RunConfig
@@ -73,6 +73,7 @@ class Config(RunConfig):
             raise ValueError("ka_samples=aggregate averages KA samples: it needs routing.mode=ka")
 
 
+@honours_remote_code
 def run(config: Config) -> dict:
     """Train (or resume, or find finished) the run in `config.output`; the last step's metrics ({}: nothing to do)."""
     with Run(config, "train") as run, contextlib.ExitStack() as stack:

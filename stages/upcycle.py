@@ -20,7 +20,7 @@ from pipeline.config import config_hash, to_dict
 from pipeline.data import calibration_ids
 from pipeline.errors import MoekdError
 from pipeline.files import read_json, sha256_file
-from pipeline.models import load_model, load_tokenizer, model_identity, save_model
+from pipeline.models import honours_remote_code, load_model, load_tokenizer, model_identity, save_model
 from pipeline.upcycle import Layout, upcycle
 
 REPORT = "upcycle.json"
@@ -41,8 +41,10 @@ class Config:
     follow_dense: bool = True  # fit each layer to the dense model's residual stream, not its own FFN
     seed: int = 0
     overwrite: bool = False
+    trust_remote_code: bool = False  # let the model/tokenizer directories run their own Python code (off: never)
 
 
+@honours_remote_code
 def run(config: Config) -> None:
     """Build the teacher into `config.output`, or reuse the one already there."""
     torch.manual_seed(config.seed)

@@ -39,13 +39,7 @@ PAD = 0  # <|endoftext|>, the fixture tokenizer's pad token
 COMPARED = ("loss", "ce", "kd", "lr", "grad_norm", "tokens")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models train many times faster on one thread than on two that a busy machine shares."""
-    threads = torch.get_num_threads()  # restored for the modules after this one
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
 
 @pytest.fixture(scope="module")
