@@ -182,6 +182,15 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def prepared_records(root: Path, tokenizer_dir: Path, rows: int, seed: int = 0) -> Path:
+    """`rows` instruction records (`instruction_records`) prepared with `moekd prepare` into root/prepared."""
+    from stages import prepare
+
+    jsonl = write_jsonl(root / "records.jsonl", instruction_records(rows, seed=seed))
+    prepare.run(prepare.Config(inputs=[str(jsonl)], output=str(root / "prepared"), tokenizer=str(tokenizer_dir)))
+    return root / "prepared"
+
+
 # ---------------------------------------------------------------- interrupted runs
 
 REPO = Path(__file__).resolve().parents[1]

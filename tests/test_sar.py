@@ -42,7 +42,7 @@ from pipeline.sar import (
 from pipeline.seeding import generator
 from pipeline.teacher import AdaptedTeacher
 from pipeline.training import Distributed, Trainer, load_trainer_state
-from stages import cache, prepare, sar
+from stages import cache, sar
 
 REPO, SUBPROCESS_ENV = fixtures.REPO, fixtures.SUBPROCESS_ENV
 PAD = 0  # <|endoftext|>, the fixture tokenizer's pad token
@@ -56,10 +56,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tokenizer_dir) -> Path:
-    root = tmp_path_factory.mktemp("sar_data")
-    jsonl = fixtures.write_jsonl(root / "train.jsonl", fixtures.instruction_records(32, seed=5))
-    prepare.run(prepare.Config(inputs=[str(jsonl)], output=str(root / "prepared"), tokenizer=str(tokenizer_dir)))
-    return root / "prepared"
+    return fixtures.prepared_records(tmp_path_factory.mktemp("sar_data"), tokenizer_dir, 32, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -28,10 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tokenizer_dir) -> Path:
-    root = tmp_path_factory.mktemp("untrusted")
-    jsonl = fixtures.write_jsonl(root / "train.jsonl", fixtures.instruction_records(24, seed=4))
-    prepare.run(prepare.Config(inputs=[str(jsonl)], output=str(root / "prepared"), tokenizer=str(tokenizer_dir)))
-    return root / "prepared"
+    return fixtures.prepared_records(tmp_path_factory.mktemp("untrusted"), tokenizer_dir, 24, seed=4)
 
 
 def make_cache(output: Path, teacher: Path, data: Path) -> Path:
