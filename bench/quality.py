@@ -12,7 +12,11 @@ sets the data order and the training draws):
   k_s null means E − 1, the paper's setting);
 - `all`: every expert active; `top_p`: top-p routing (`top_p`);
 - `sar`: the Student-Aware Router (`moekd sar`, online; `sar` overrides, e.g.
-  a reduced step budget on CPU).
+  a reduced step budget on CPU);
+- `variants`: more methods by name, each a cache made with its own routing and
+  settings (e.g. another k, or `storage: sampled`) or the teacher in the loop
+  (`online`, e.g. top_k = the vocabulary: full-distribution KD); the report
+  adds each cache's bytes per position.
 
 Cached methods share one cache each (the student's seed does not change the
 teacher). Then `moekd eval` scores every model, the teacher and the untrained
@@ -67,6 +71,15 @@ class KaRouting(RoutingConfig):
 
 
 @dataclass
+class Variant:
+    """A method beyond the named ones: a cache made with its own settings, or the teacher in the loop."""
+
+    routing: dict[str, Any] = field(default_factory=lambda: {"mode": "topk"})  # the cache's routing
+    cache: dict[str, Any] = field(default_factory=dict)  # the cache's settings, on top of the study's `cache`
+    online: dict[str, Any] | None = None  # instead of a cache: `moekd train` with teacher= and these settings
+
+
+@dataclass
 class Config:
     output: str  # the study directory
     teacher: str  # the MoE teacher (local directory)
@@ -79,6 +92,7 @@ class Config:
     # `moekd cache` finds a cache complete, `moekd train` a run finished.
     train_config: str | None = None  # a `moekd train` YAML whose settings every run takes (paths aside)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    variants: dict[str, Variant] = field(default_factory=dict)  # more methods, by name (e.g. other cache storages)
     baseline: str = "kd"  # the method every other is compared with
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     ka: KaRouting = field(default_factory=KaRouting)
@@ -93,8 +107,16 @@ class Config:
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown or not self.methods:
             raise ValueError(f"methods must be some of {', '.join(METHODS)}, got {self.methods}")
-        if self.baseline not in self.methods:
-            raise ValueError(f"baseline {self.baseline!r} is not among methods {self.methods}")
+        clash = sorted(set(self.variants) & set(METHODS))
+        if clash:
+            raise ValueError(f"variant {clash[0]!r} has the name of a method; name it otherwise")
+        if self.baseline not in self.compared:
+            raise ValueError(f"baseline {self.baseline!r} is not among methods or variants {self.compared}")
+
+    @property
+    def compared(self) -> list[str]:
+        """Every method of the study: the named ones, then the variants."""
+        return list(self.methods) + list(self.variants)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
 
@@ -151,14 +173,21 @@ def run_study(config: Config) -> dict:
     run_stage("cache", str(heldout_cache), "--teacher", config.teacher, "--data", config.heldout_data,
               *overrides({"routing": {"mode": "topk"}} | config.cache))
     models = {"teacher": config.teacher, "start": config.student}
-    for method in config.methods:
-        if method in CACHED:
+    for method in config.compared:
+        variant = config.variants.get(method)
+        cached = method in CACHED or (variant is not None and variant.online is None)
+        if cached:
+            settings = config.cache | variant.cache if variant else config.cache
+            route = variant.routing if variant else routing(config, method, experts)
             run_stage("cache", str(caches / method), "--teacher", config.teacher, "--data", config.train_data,
-                      *overrides({"routing": routing(config, method, experts)} | config.cache))
+                      *overrides({"routing": route} | settings))
         for seed in config.seeds:
             run = runs / f"{method}-seed{seed}"
             common = ["--student", config.student, *run_settings(config), f"seed={seed}"]
-            if method == "sar":
+            if variant is not None and variant.online is not None:
+                run_stage("train", str(run), "--data", config.train_data, "--teacher", config.teacher, *common,
+                          *overrides(variant.online))
+            elif method == "sar":
                 run_stage("sar", str(run), "--teacher", config.teacher, "--data", config.train_data,
                           *common, *overrides(config.sar))
             elif method == "sft":
@@ -166,9 +195,11 @@ def run_study(config: Config) -> dict:
             else:
                 run_stage("train", str(run), "--cache", str(caches / method), *common)
             models[f"{method}-seed{seed}"] = str(run / "final")
-    run_stage("eval", "--output", str(out / "eval"), "--cache", str(heldout_cache),
+    sizes = {method: cache_size(caches / method) for method in config.compared if (caches / method).is_dir()}
+    evaluation = out / "eval"
+    run_stage("eval", "--output", str(evaluation), "--cache", str(heldout_cache),
               "data=" + json.dumps([config.heldout_data]), "models=" + json.dumps(models), *overrides(config.eval))
-    report = summarize(config, out, runs)
+    report = summarize(config, evaluation, runs) | {"cache_bytes_per_token": sizes}
     write_report(out, report)
     plot(config, out, report)
     return report
@@ -176,10 +207,10 @@ def run_study(config: Config) -> dict:
 
 # ---------------------------------------------------------------- the report
 
-def predictions(out: Path, model: str, split: str) -> list[dict]:
+def predictions(evaluation: Path, model: str, split: str) -> list[dict]:
     from stages.eval import file_name
 
-    path = out / "eval" / "predictions" / file_name(model) / f"{file_name(split)}.jsonl"
+    path = evaluation / "predictions" / file_name(model) / f"{file_name(split)}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -189,17 +220,17 @@ def measured(rows_per_seed: list[list[dict]], num: str, den: str | None) -> Meas
     return Measured(np.array(nums), np.array(dens))
 
 
-def summarize(config: Config, out: Path, runs: Path) -> dict:
+def summarize(config: Config, evaluation: Path, runs: Path) -> dict:
     """Per method: mean and std over seeds; vs the baseline: paired difference and 95% CI; per metric."""
     split = Path(config.heldout_data).name
-    rows = {m: [predictions(out, f"{m}-seed{s}", split) for s in config.seeds] for m in config.methods}
-    references = {name: predictions(out, name, split) for name in ("teacher", "start")}
+    rows = {m: [predictions(evaluation, f"{m}-seed{s}", split) for s in config.seeds] for m in config.compared}
+    references = {name: predictions(evaluation, name, split) for name in ("teacher", "start")}
     report = {"seeds": config.seeds, "examples": len(references["teacher"]), "baseline": config.baseline,
               "methods": {}, "references": {}}
     for name, ref_rows in references.items():
         report["references"][name] = {key: measured([ref_rows], num, den).per_seed()[0].item()
                                       for key, num, den, _, _ in METRICS}
-    for method in config.methods:
+    for method in config.compared:
         entry = {}
         for key, num, den, _, _ in METRICS:
             values = measured(rows[method], num, den)
@@ -210,8 +241,29 @@ def summarize(config: Config, out: Path, runs: Path) -> dict:
                                                           config.replicates)
                 entry[key] |= {"vs_baseline": difference, "ci": [low, high]}
         report["methods"][method] = entry
-    report["curves"] = {m: [curve(runs / f"{m}-seed{s}") for s in config.seeds] for m in config.methods}
+    report["curves"] = {m: [curve(runs / f"{m}-seed{s}") for s in config.seeds] for m in config.compared}
     return report
+
+
+def cache_size(cache: Path) -> dict[str, float]:
+    """Bytes per stored position of a cache: all of it, and its teacher columns alone (without the rows'
+    input_ids, positions and seq_id, which every storage shares)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.cache_format import Manifest
+
+    manifest = Manifest.load(cache)
+    total = teacher = tokens = 0
+    for index, info in manifest.shards.items():
+        metadata = pq.ParquetFile(pa.BufferReader(manifest.shard_bytes(index))).metadata
+        for group in range(metadata.num_row_groups):
+            for column in range(metadata.num_columns):
+                chunk = metadata.row_group(group).column(column)
+                if chunk.path_in_schema.split(".")[0] not in ("seq_id", "input_ids", "positions"):
+                    teacher += chunk.total_compressed_size
+        total, tokens = total + info.bytes, tokens + info.tokens
+    return {"all": total / max(tokens, 1), "teacher": teacher / max(tokens, 1)}
 
 
 def curve(run: Path) -> list[float]:
@@ -236,6 +288,12 @@ def write_report(out: Path, report: dict) -> None:
             delta = "—" if method == base else f"{m['vs_baseline']:+.3f} [{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}]"
             cells.append(f"{m['mean']:.3f} ± {m['std']:.3f} | {delta}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    sizes = report.get("cache_bytes_per_token", {})
+    if sizes:
+        lines += ["", "Cache size, bytes per stored position (all M samples together): the whole cache, and its "
+                  "teacher columns alone (every cache also stores each row's input_ids and positions).", "",
+                  "| method | bytes / position | teacher columns |", "|---|---:|---:|"]
+        lines += [f"| {m} | {v['all']:.1f} | {v['teacher']:.1f} |" for m, v in sizes.items()]
     atomic_write_bytes(out / "study.md", ("\n".join(lines) + "\n").encode())
     atomic_write_json(out / "study.json", report)
     print("\n" + "\n".join(lines))

@@ -19,7 +19,8 @@ from pipeline.data import PreparedExample, padded, target_positions
 from pipeline.seeding import generator
 
 
-TENSORS = ("input_ids", "attention_mask", "rows", "cols", "targets", "teacher_ids", "teacher_logprobs")
+TENSORS = ("input_ids", "attention_mask", "rows", "cols", "targets", "teacher_ids", "teacher_logprobs",
+           "teacher_weights")
 
 
 @dataclass
@@ -28,8 +29,10 @@ class Batch:
 
     Target j is row `rows[j]`, position `cols[j]`: the logits there predict
     `targets[j] = input_ids[rows[j], cols[j] + 1]`. The teacher is sparse
-    (`teacher_ids` and `teacher_logprobs` (M, N, k), a cache's top-k) or dense
-    (`teacher_ids` None, `teacher_logprobs` (M, N, V), SAR's adapted teacher).
+    (`teacher_ids` and `teacher_logprobs` (M, N, k), a cache's top-k), dense
+    (`teacher_ids` None, `teacher_logprobs` (M, N, V), SAR's adapted teacher)
+    or sampled (`teacher_ids` and `teacher_weights` (1, N, K), a sampled
+    cache's distinct draws and their shares of the draws, 0 on padding).
     """
 
     seq_ids: list[int]
@@ -40,6 +43,7 @@ class Batch:
     targets: torch.Tensor  # (N,) long
     teacher_ids: torch.Tensor | None = None  # (M, N, k) long
     teacher_logprobs: torch.Tensor | None = None  # (M, N, k) or (M, N, V) float32, normalised over the vocabulary
+    teacher_weights: torch.Tensor | None = None  # (1, N, K) float32: a sampled teacher's draw shares
     examples: list[PreparedExample] | None = None  # prepared rows, for a teacher in the loop
 
     @property
@@ -60,9 +64,23 @@ def make_batch(seq_ids: list[int], sequences: list[np.ndarray], positions: list[
 
 
 def collate_records(records: list[TeacherRecord], pad_id: int, aggregate: bool = False) -> Batch:
-    """A batch with the records' teacher: all M samples (M, N, k), or their stored aggregate (1, N, k)."""
+    """A batch with the records' teacher: all M samples (M, N, k), their stored aggregate (1, N, k), or a
+    sampled cache's draws (1, N, K) with K the most distinct ids at one target."""
     batch = make_batch([r.seq_id for r in records], [r.input_ids for r in records],
                        [r.positions for r in records], pad_id)
+    if records and records[0].sample_ids is not None:
+        sizes = np.concatenate([r.sample_sizes for r in records])
+        ids = np.concatenate([r.sample_ids for r in records])
+        counts = np.concatenate([r.sample_counts for r in records]).astype(np.float32)
+        target = np.repeat(np.arange(len(sizes)), sizes)
+        slot = np.arange(len(ids)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        width = int(sizes.max(initial=1))
+        batch.teacher_ids = torch.zeros((1, len(sizes), width), dtype=torch.long)
+        batch.teacher_weights = torch.zeros((1, len(sizes), width), dtype=torch.float32)
+        batch.teacher_ids[0, target, slot] = torch.from_numpy(ids.astype(np.int64))
+        draws = np.repeat(np.add.reduceat(counts, np.cumsum(sizes) - sizes) if len(ids) else counts, sizes)
+        batch.teacher_weights[0, target, slot] = torch.from_numpy(counts / draws)
+        return batch
     if aggregate:
         ids = np.concatenate([r.agg_ids for r in records])[None]
         logprobs = np.concatenate([r.agg_logprobs for r in records])[None]

@@ -46,9 +46,23 @@ Reading one row with nothing but pyarrow and numpy:
     ids = np.cumsum(np.asarray(table["topk_ids"][0].values).reshape(M, T, k), axis=-1)
     logprobs = np.asarray(table["topk_logprobs"][0].values).reshape(M, T, k)
 
+A `sampled` cache (encoding `storage: sampled`, shard format 2) stores, per
+position, `draws` tokens drawn with replacement from the teacher's
+distribution over the full vocabulary (with M > 1 routing samples: from their
+mixture, a sample then a token), as the distinct ids drawn and their counts:
+
+    column          type            values per row  encoding
+    seq_id, input_ids, positions    as above
+    sample_sizes    list<int32>     T               DELTA_BINARY_PACKED  distinct ids per position
+    sample_ids      list<int32>     sum(sizes)      BYTE_STREAM_SPLIT    ascending per position, delta-coded
+    sample_counts   list<int32>     sum(sizes)      DELTA_BINARY_PACKED  draws of each id; they sum to `draws`
+
+The counts divided by `draws` are an unbiased estimate of the teacher's
+distribution (of the mean of the M samples' distributions).
+
 `manifest.json` (sorted keys, no timestamps):
 
-    {"format": "moekd-teacher-cache", "version": 1,
+    {"format": "moekd-teacher-cache", "version": 2,
      "identity": {...everything the shards depend on, including "encoding"...},
      "info": {...informative only: paths, host...},
      "shards": [{"index", "file", "rows", "tokens", "bytes", "sha256"}, ...]}
@@ -78,7 +92,9 @@ from pipeline.files import (
 )
 
 FORMAT_NAME = "moekd-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # of the manifest; version 1 manifests (top-k caches only) are read as well
+READABLE_VERSIONS = (1, 2)
+TOPK_FORMAT, SAMPLED_FORMAT = 1, 2  # of a shard's layout, by storage
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 ZSTD_LEVEL = 3  # on real top-64 shards level 9 saves ~2% at 3-5x the write time, 19 saves 4-8% at 30-40x
@@ -92,6 +108,9 @@ COLUMN_ENCODINGS = {
     "topk_logprobs": "BYTE_STREAM_SPLIT",
     "agg_ids": "BYTE_STREAM_SPLIT",
     "agg_logprobs": "BYTE_STREAM_SPLIT",
+    "sample_sizes": "DELTA_BINARY_PACKED",
+    "sample_ids": "BYTE_STREAM_SPLIT",
+    "sample_counts": "DELTA_BINARY_PACKED",
 }
 LIST_COLUMNS = {
     "input_ids": pa.int32(),
@@ -100,6 +119,9 @@ LIST_COLUMNS = {
     "topk_logprobs": pa.float32(),
     "agg_ids": pa.int32(),
     "agg_logprobs": pa.float32(),
+    "sample_sizes": pa.int32(),
+    "sample_ids": pa.int32(),
+    "sample_counts": pa.int32(),
 }
 
 
@@ -114,10 +136,14 @@ class TeacherRecord:
     seq_id: int
     input_ids: np.ndarray  # int32 (L,)
     positions: np.ndarray  # int32 (T,): distributions at t predict input_ids[t + 1]
-    topk_ids: np.ndarray  # int64 (M, T, k)
-    topk_logprobs: np.ndarray  # float32 (M, T, k), normalised over the full vocabulary
+    topk_ids: np.ndarray | None = None  # int64 (M, T, k)
+    topk_logprobs: np.ndarray | None = None  # float32 (M, T, k), normalised over the full vocabulary
     agg_ids: np.ndarray | None = None  # (T, k): top-k of log mean_m p^(m)
     agg_logprobs: np.ndarray | None = None
+    # a sampled cache's: per position t, sample_sizes[t] distinct ids (ascending) and how often each was drawn
+    sample_sizes: np.ndarray | None = None  # int64 (T,)
+    sample_ids: np.ndarray | None = None  # int64 (sum(sizes),)
+    sample_counts: np.ndarray | None = None  # int64 (sum(sizes),), summing to `draws` per position
 
 
 @dataclass
@@ -132,14 +158,28 @@ class ShardInfo:
     sha256: str
 
 
-def encoding_spec(*, vocab_size: int, k: int, num_samples: int, with_aggregate: bool) -> dict:
-    """The shard encoding, for the manifest identity and each shard's metadata.
+def encoding_spec(*, vocab_size: int, num_samples: int, k: int | None = None, with_aggregate: bool = False,
+                  draws: int | None = None) -> dict:
+    """The shard encoding, for the manifest identity and each shard's metadata: top-k (`k`) or sampled
+    (`draws` per position, then `k` and `with_aggregate` do not apply).
 
     Any change here changes the identity, so an old cache is never resumed
     with a different encoding.
     """
+    if draws is not None:
+        return {
+            "format_version": SAMPLED_FORMAT,
+            "storage": "sampled",
+            "vocab_size": vocab_size,
+            "num_samples": num_samples,
+            "draws": draws,
+            "ids": "int32 distinct and ascending per position, delta-coded: first id, then differences",
+            "counts": "int32 draws of each id, summing to `draws` per position",
+            "compression": f"zstd level {ZSTD_LEVEL}",
+            "encodings": {name: COLUMN_ENCODINGS[name] for name in _column_names({"storage": "sampled"})},
+        }
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": TOPK_FORMAT,
         "vocab_size": vocab_size,
         "k": k,
         "num_samples": num_samples,
@@ -148,7 +188,7 @@ def encoding_spec(*, vocab_size: int, k: int, num_samples: int, with_aggregate: 
         "ids": "int32 ascending per (sample, position), delta-coded: first id, then differences",
         "logprobs": "float16 values stored as float32, aligned with the ids",
         "compression": f"zstd level {ZSTD_LEVEL}",
-        "encodings": {name: COLUMN_ENCODINGS[name] for name in _column_names(with_aggregate)},
+        "encodings": {name: COLUMN_ENCODINGS[name] for name in _column_names({"aggregate": with_aggregate})},
     }
 
 
@@ -164,12 +204,10 @@ def shard_lock(cache_dir: Path, index: int) -> FileLock:
 # ---------------------------------------------------------------- writing
 
 
-def write_shard(
-    cache_dir: Path, index: int, records: list[TeacherRecord], *,
-    vocab_size: int, k: int, num_samples: int, with_aggregate: bool,
-) -> ShardInfo:
-    """Encode `records` into shard `index` atomically; the same records give the same bytes."""
-    spec = encoding_spec(vocab_size=vocab_size, k=k, num_samples=num_samples, with_aggregate=with_aggregate)
+def write_shard(cache_dir: Path, index: int, records: list[TeacherRecord], **encoding) -> ShardInfo:
+    """Encode `records` into shard `index` atomically (`encoding`: `encoding_spec`'s arguments); the same
+    records give the same bytes."""
+    spec = encoding_spec(**encoding)
     for record in records:
         _check_record(record, spec)
     if any(a.seq_id >= b.seq_id for a, b in zip(records, records[1:])):
@@ -188,7 +226,20 @@ def write_shard(
 
 def _check_record(record: TeacherRecord, spec: dict) -> None:
     """Shape and range checks; a failure is a bug in the caller, not a user mistake."""
-    M, T, k = spec["num_samples"], len(record.positions), spec["k"]
+    T = len(record.positions)
+    if T and (record.positions.min() < 0 or record.positions.max() >= len(record.input_ids) - 1):
+        raise ValueError(f"seq {record.seq_id}: positions must index input_ids[:-1]")
+    if sampled(spec):
+        sizes, ids, counts = record.sample_sizes, record.sample_ids, record.sample_counts
+        if sizes is None or len(sizes) != T or len(ids) != len(counts) or len(ids) != sizes.sum():
+            raise ValueError(f"seq {record.seq_id}: sample_sizes must give the ids of each of {T} positions")
+        if len(ids) and (ids.min() < 0 or ids.max() >= spec["vocab_size"] or counts.min() < 1):
+            raise ValueError(f"seq {record.seq_id}: sample ids outside [0, {spec['vocab_size']}) or counts < 1")
+        ends = np.cumsum(sizes)
+        if not np.array_equal(np.add.reduceat(counts, ends - sizes) if len(ids) else counts, np.full(T, spec["draws"])):
+            raise ValueError(f"seq {record.seq_id}: the counts of each position must sum to {spec['draws']}")
+        return
+    M, k = spec["num_samples"], spec["k"]
     shapes = {"topk_ids": (M, T, k), "topk_logprobs": (M, T, k)}
     if spec["aggregate"]:
         shapes |= {"agg_ids": (T, k), "agg_logprobs": (T, k)}
@@ -203,29 +254,40 @@ def _check_record(record: TeacherRecord, spec: dict) -> None:
         ids = getattr(record, name)
         if ids.size and (ids.min() < 0 or ids.max() >= spec["vocab_size"]):
             raise ValueError(f"seq {record.seq_id}: {name} outside [0, {spec['vocab_size']})")
-    if T and (record.positions.min() < 0 or record.positions.max() >= len(record.input_ids) - 1):
-        raise ValueError(f"seq {record.seq_id}: positions must index input_ids[:-1]")
 
 
-def _column_names(with_aggregate: bool) -> list[str]:
-    names = ["seq_id", "input_ids", "positions", "topk_ids", "topk_logprobs"]
-    return names + ["agg_ids", "agg_logprobs"] if with_aggregate else names
+def sampled(spec: dict) -> bool:
+    """Whether an encoding spec is a sampled cache's (a top-k spec has no "storage")."""
+    return spec.get("storage") == "sampled"
+
+
+def _column_names(spec: dict) -> list[str]:
+    names = ["seq_id", "input_ids", "positions"]
+    if sampled(spec):
+        return names + ["sample_sizes", "sample_ids", "sample_counts"]
+    names += ["topk_ids", "topk_logprobs"]
+    return names + ["agg_ids", "agg_logprobs"] if spec["aggregate"] else names
 
 
 def _schema(spec: dict) -> pa.Schema:
     fields = [pa.field("seq_id", pa.int64())] + [
-        pa.field(name, pa.list_(LIST_COLUMNS[name])) for name in _column_names(spec["aggregate"])[1:]
+        pa.field(name, pa.list_(LIST_COLUMNS[name])) for name in _column_names(spec)[1:]
     ]
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(spec, sort_keys=True)})
 
 
 def _encode(records: list[TeacherRecord], spec: dict) -> pa.Table:
-    k = spec["k"]
     columns = {
         "seq_id": pa.array([r.seq_id for r in records], pa.int64()),
         "input_ids": _list_array([r.input_ids for r in records], np.int32),
         "positions": _list_array([r.positions for r in records], np.int32),
     }
+    if sampled(spec):
+        columns["sample_sizes"] = _list_array([r.sample_sizes for r in records], np.int32)
+        columns["sample_ids"] = _list_array([_deltas(r.sample_ids, r.sample_sizes) for r in records], np.int32)
+        columns["sample_counts"] = _list_array([r.sample_counts for r in records], np.int32)
+        return pa.table(columns, schema=_schema(spec))
+    k = spec["k"]
     columns["topk_ids"], columns["topk_logprobs"] = _encode_topk(
         [r.topk_ids for r in records], [r.topk_logprobs for r in records], k)
     if spec["aggregate"]:
@@ -245,6 +307,22 @@ def _encode_topk(ids: list[np.ndarray], logprobs: list[np.ndarray], k: int) -> t
     offsets = _offsets([a.size for a in ids])
     return (pa.ListArray.from_arrays(offsets, deltas.reshape(-1)),
             pa.ListArray.from_arrays(offsets, lps.reshape(-1)))
+
+
+def _deltas(ids: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Ascending ids per position (`sizes` of them each) as first id, then differences, per position."""
+    deltas = np.diff(ids, prepend=0)
+    starts = np.cumsum(sizes) - sizes
+    deltas[starts[sizes > 0]] = ids[starts[sizes > 0]]
+    return deltas
+
+
+def _undeltas(deltas: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """`_deltas` undone: a cumulative sum restarted at each position."""
+    total = np.cumsum(deltas, dtype=np.int64)
+    starts = np.cumsum(sizes) - sizes
+    before = np.repeat(np.concatenate([[0], total])[starts], sizes)  # the sum before each position began
+    return total - before
 
 
 def _list_array(arrays: list[np.ndarray], dtype) -> pa.ListArray:
@@ -302,9 +380,9 @@ def _file_spec(file: pq.ParquetFile, path: Path) -> dict:
     if METADATA_KEY not in metadata:
         raise MoekdError(f"{path} is not a moekd teacher-cache shard (no '{METADATA_KEY.decode()}' metadata)")
     spec = json.loads(metadata[METADATA_KEY])
-    if spec.get("format_version") != FORMAT_VERSION:
+    if spec.get("format_version") not in (TOPK_FORMAT, SAMPLED_FORMAT):
         raise MoekdError(f"{path} has shard format version {spec.get('format_version')}; "
-                         f"this moekd reads version {FORMAT_VERSION}")
+                         f"this moekd reads versions {TOPK_FORMAT} and {SAMPLED_FORMAT}")
     return spec
 
 
@@ -332,10 +410,20 @@ def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 
 def _decode(table: pa.Table, spec: dict) -> list[TeacherRecord]:
     """Vectorised over the whole table; the only Python loop is per row."""
-    M, k = spec["num_samples"], spec["k"]
     seq_ids = table["seq_id"].to_numpy()
     input_ids, input_bounds = _flat(table["input_ids"])
     positions, pos_bounds = _flat(table["positions"])
+    if sampled(spec):
+        sizes = _flat(table["sample_sizes"])[0].astype(np.int64)
+        ids = _undeltas(_flat(table["sample_ids"])[0], sizes)
+        counts = _flat(table["sample_counts"])[0].astype(np.int64)
+        id_bounds = np.concatenate([[0], np.cumsum(sizes)])[pos_bounds]
+        return [TeacherRecord(
+            seq_id=int(seq_ids[i]), input_ids=input_ids[input_bounds[i]:input_bounds[i + 1]],
+            positions=positions[pos_bounds[i]:pos_bounds[i + 1]], sample_sizes=sizes[pos_bounds[i]:pos_bounds[i + 1]],
+            sample_ids=ids[id_bounds[i]:id_bounds[i + 1]], sample_counts=counts[id_bounds[i]:id_bounds[i + 1]],
+        ) for i in range(table.num_rows)]
+    M, k = spec["num_samples"], spec["k"]
     ids = np.cumsum(_flat(table["topk_ids"])[0].reshape(-1, k), axis=-1, dtype=np.int64)
     lps = _flat(table["topk_logprobs"])[0].reshape(-1, k)
     if spec["aggregate"]:
@@ -423,9 +511,10 @@ class Manifest:
         data = read_json(path, "teacher-cache manifest")
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise MoekdError(f"{path} is not a moekd teacher-cache manifest (format must be {FORMAT_NAME!r})")
-        if data.get("version") != FORMAT_VERSION:
+        if data.get("version") not in READABLE_VERSIONS:
             raise MoekdError(f"{path} has cache format version {data.get('version')!r}; this moekd "
-                             f"reads version {FORMAT_VERSION}. Rebuild the cache (overwrite=true).")
+                             f"reads versions {', '.join(map(str, READABLE_VERSIONS))}. Rebuild the cache "
+                             "(overwrite=true).")
         problem = _manifest_problem(data)
         if problem:
             raise MoekdError(f"{path} is malformed: {problem}")
@@ -516,7 +605,8 @@ def _remove_cache(cache_dir: Path) -> None:
 
 SHARD_FILE = re.compile(rf"{SHARDS}/shard-(\d{{5,}})\.parquet")
 SHARD_FIELDS = {"index": int, "file": str, "rows": int, "tokens": int, "bytes": int, "sha256": str}
-ENCODING_FIELDS = {"vocab_size": int, "k": int, "num_samples": int, "aggregate": bool}
+ENCODING_FIELDS = {"topk": {"vocab_size": int, "k": int, "num_samples": int, "aggregate": bool},
+                   "sampled": {"vocab_size": int, "num_samples": int, "draws": int}}
 
 
 def _manifest_problem(data: dict) -> str | None:
@@ -527,7 +617,7 @@ def _manifest_problem(data: dict) -> str | None:
     encoding = data["identity"].get("encoding")
     if not isinstance(encoding, dict):
         return "identity.encoding must be an object"
-    for key, kind in ENCODING_FIELDS.items():
+    for key, kind in ENCODING_FIELDS["sampled" if sampled(encoding) else "topk"].items():
         value = encoding.get(key)
         if type(value) is not kind or (kind is int and value < 1):
             return f"identity.encoding.{key} must be a {'positive integer' if kind is int else kind.__name__}"
@@ -599,6 +689,8 @@ def _content_problems(table: pa.Table, info: ShardInfo, spec: dict) -> list[str]
     _, pos_bounds = _flat(table["positions"])
     if pos_bounds[-1] != info.tokens:
         problems.append(f"has {pos_bounds[-1]} positions but the manifest says {info.tokens} tokens")
+    if sampled(spec):
+        return problems + _sample_problems(table, pos_bounds, spec)
     M, k, T = spec["num_samples"], spec["k"], np.diff(pos_bounds)
     groups = {"topk": M * T * k, "agg": T * k} if spec["aggregate"] else {"topk": M * T * k}
     for prefix, sizes in groups.items():
@@ -609,6 +701,25 @@ def _content_problems(table: pa.Table, info: ShardInfo, spec: dict) -> list[str]
             continue
         problems += _value_problems(prefix, ids.reshape(-1, k), lps.reshape(-1, k), spec["vocab_size"])
     return problems
+
+
+def _sample_problems(table: pa.Table, pos_bounds: np.ndarray, spec: dict) -> list[str]:
+    sizes, size_bounds = _flat(table["sample_sizes"])
+    deltas, id_bounds = _flat(table["sample_ids"])
+    counts, count_bounds = _flat(table["sample_counts"])
+    if not (np.array_equal(size_bounds, pos_bounds) and np.array_equal(id_bounds, count_bounds)
+            and sizes.min(initial=1) >= 1 and sizes.sum() == len(deltas)):
+        return ["sample_sizes/sample_ids/sample_counts lengths do not match the positions"]
+    if not len(deltas):
+        return []
+    starts = np.cumsum(sizes) - sizes
+    ids = _undeltas(deltas, sizes)
+    steps = np.delete(deltas, starts)  # differences inside a position: ascending, distinct
+    if deltas[starts].min() < 0 or steps.min(initial=1) < 1 or ids.max() >= spec["vocab_size"]:
+        return [f"sample_ids are not distinct ids in [0, {spec['vocab_size']})"]
+    if counts.min() < 1 or not (np.add.reduceat(counts, starts) == spec["draws"]).all():
+        return [f"sample_counts are not positive counts summing to {spec['draws']} per position"]
+    return []
 
 
 def _value_problems(prefix: str, deltas: np.ndarray, lps: np.ndarray, vocab_size: int) -> list[str]:

@@ -1,4 +1,4 @@
-"""Capturing the teacher: top-k log-probabilities at a batch's targets, per routing sample.
+"""Capturing the teacher at a batch's targets: top-k log-probabilities per routing sample, or sampled tokens.
 
 The teacher runs once per routing sample (M forwards for KA). Only its hidden
 states at the targets are kept (`logprobs.target_hidden`), and the vocabulary
@@ -6,6 +6,12 @@ projection (`logprobs.vocab_logits`) runs over chunks of those positions, so
 memory never holds more than `CAPTURE_CHUNK_TOKENS x vocab` floats, whatever
 the batch. The cache stage splits the result into one record per sequence;
 an online teacher attaches it to the batch as the cache's reader would.
+
+Sampled capture (`teacher_draws`) draws, per target, tokens with replacement
+from the mixture of the M samples' distributions (equivalently: a sample, then
+a token from it). Sequence `seq_id` draws from its own generator (run seed,
+"draws", seq_id), over its own positions in order, so its draws do not
+depend on the batch, the padding or the worker that computes them.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 from pipeline.batch import Batch
 from pipeline.cache_format import TeacherRecord
 from pipeline.logprobs import target_hidden, vocab_logits
+from pipeline.seeding import generator
 
 # Smaller than logprobs.CHUNK_TOKENS: the (chunk, V) work stays in cache. The float rounding of the
 # projection depends on the chunk, so changing it changes the bytes of every cache made from now on.
@@ -61,19 +68,70 @@ def topk_from_hidden(model, hidden: torch.Tensor, k: int, aggregate: bool, chunk
 def teacher_topk(model, routing, batch: Batch, *, k: int, num_samples: int, aggregate: bool) -> tuple:
     """The teacher's top-k at the batch's targets: (ids, log-probs) (M, N, k), and with `aggregate` the
     top-k of the samples' mean (N, k) twice more. The batch must be on the model's device."""
+    return topk_from_hidden(model, sample_hidden(model, routing, batch, num_samples), k, aggregate)
+
+
+def sample_hidden(model, routing, batch: Batch, num_samples: int) -> torch.Tensor:
+    """The teacher's final hidden states at the batch's targets under each routing sample: (M, N, H)."""
     hidden = []
     for sample in range(num_samples):
         with routing.sequences(batch.seq_ids, sample, batch.attention_mask):
             hidden.append(target_hidden(model, batch.input_ids, batch.attention_mask, batch.rows, batch.cols))
-    return topk_from_hidden(model, torch.stack(hidden), k, aggregate)
+    return torch.stack(hidden)
 
 
-def capture_batch(model, routing, batch: Batch, *, k: int, num_samples: int, aggregate: bool) -> list[TeacherRecord]:
-    """Run the teacher over a batch of prepared rows (`collate_examples`), once per routing sample;
-    one record per row, in the batch's order."""
+def mixture_logprobs(model, hidden: torch.Tensor) -> torch.Tensor:
+    """log((1/M) Σ_m p^(m)) over the vocabulary, for hidden states (M, n, H) of M routing samples."""
+    logprobs = [torch.log_softmax(vocab_logits(model, h), dim=-1) for h in hidden]
+    return torch.logsumexp(torch.stack(logprobs), dim=0) - math.log(len(hidden))
+
+
+def distinct_counts(drawn: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draws (T, N) as (distinct ids per position (T,), the ids ascending per position, their counts)."""
+    ordered = drawn.sort(dim=-1).values
+    new = torch.ones_like(ordered, dtype=torch.bool)
+    new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    starts = new.flatten().nonzero()[:, 0]
+    ends = torch.cat([starts[1:], torch.tensor([ordered.numel()])])
+    row_ends = (starts // ordered.shape[1] + 1) * ordered.shape[1]  # a run never crosses its position's end
+    counts = torch.minimum(ends, row_ends) - starts
+    return new.sum(-1).numpy(), ordered.flatten()[starts].numpy(), counts.numpy()
+
+
+@torch.no_grad()
+def teacher_draws(model, routing, batch: Batch, *, num_samples: int, draws: int, seed: int) -> list[tuple]:
+    """Per row of the batch, `draws` tokens per target drawn with replacement from the mixture of the M
+    samples' distributions, as `distinct_counts` gives them. The batch must be on the model's device."""
+    hidden = sample_hidden(model, routing, batch, num_samples)
+    counts = torch.bincount(batch.rows.cpu(), minlength=len(batch.seq_ids)).tolist()
+    result, start = [], 0
+    for seq_id, count in zip(batch.seq_ids, counts):
+        g = generator(seed, "draws", seq_id)
+        drawn = [torch.zeros(0, draws, dtype=torch.long)]
+        for first in range(start, start + count, CAPTURE_CHUNK_TOKENS):
+            chunk = hidden[:, first : min(first + CAPTURE_CHUNK_TOKENS, start + count)]
+            probs = mixture_logprobs(model, chunk).exp().float().cpu()
+            drawn.append(torch.multinomial(probs, draws, replacement=True, generator=g))
+        result.append(distinct_counts(torch.cat(drawn)))
+        start += count
+    return result
+
+
+def capture_batch(model, routing, batch: Batch, *, num_samples: int, k: int | None = None, aggregate: bool = False,
+                  draws: int | None = None, seed: int = 0) -> list[TeacherRecord]:
+    """Run the teacher over a batch of prepared rows (`collate_examples`), once per routing sample; one record
+    per row, in the batch's order: the top-`k` per sample (and of their mean with `aggregate`), or with
+    `draws`, that many tokens drawn per target (`teacher_draws`, seeded by `seed`)."""
+    counts = torch.bincount(batch.rows.cpu(), minlength=len(batch.seq_ids)).tolist()
+    if draws is not None:
+        drawn = teacher_draws(model, routing, batch, num_samples=num_samples, draws=draws, seed=seed)
+        return [TeacherRecord(seq_id=example.seq_id, input_ids=example.input_ids.astype(np.int32),
+                              positions=positions.numpy().astype(np.int32), sample_sizes=sizes, sample_ids=ids,
+                              sample_counts=number)
+                for example, positions, (sizes, ids, number) in zip(batch.examples, batch.cols.cpu().split(counts),
+                                                                    drawn)]
     top = [t.cpu().numpy() for t in teacher_topk(model, routing, batch, k=k, num_samples=num_samples,
                                                    aggregate=aggregate)]
-    counts = torch.bincount(batch.rows.cpu(), minlength=len(batch.seq_ids)).tolist()
     records, start = [], 0
     for example, positions, count in zip(batch.examples, batch.cols.cpu().split(counts), counts):
         stop = start + count

@@ -125,7 +125,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return dict(value)
+        (_, value_tp) = typing.get_args(tp) or (Any, Any)
+        return {key: coerce(item, value_tp, f"{where}.{key}") for key, item in value.items()}
     if tp is Any:
         return value
     if tp is bool:

@@ -36,7 +36,7 @@ from rouge_score import rouge_scorer
 from tqdm import tqdm
 
 from pipeline.batch import Batch, collate_examples, collate_records
-from pipeline.cache_format import Manifest
+from pipeline.cache_format import Manifest, sampled
 from pipeline.data import PreparedData, PreparedExample, Template, padded
 from pipeline.errors import MoekdError
 from pipeline.logprobs import chunks, target_hidden, vocab_logprobs
@@ -165,6 +165,9 @@ def cache_kl(
     """
     cache_dir = Path(cache_dir)
     manifest = Manifest.load(cache_dir)
+    if sampled(manifest.identity["encoding"]):
+        raise MoekdError(f"{cache_dir} is a sampled cache: the KL to a teacher needs its probabilities, which "
+                         "draws only estimate; give a top-k cache of the held-out data")
     shards = [manifest.shards[i] for i in sorted(manifest.shards)]
     total_rows = sum(s.rows for s in shards) if max_rows is None else min(max_rows, sum(s.rows for s in shards))
     examples = []

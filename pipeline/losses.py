@@ -189,14 +189,33 @@ def dense_divergence(student_logprobs: Tensor, teacher_logprobs: Tensor, config:
     return divergence(teacher_logprobs.to(student_logprobs.dtype), student_logprobs, config)
 
 
+def sampled_forward_kl(student_logprobs: Tensor, teacher_ids: Tensor, teacher_weights: Tensor) -> Tensor:
+    """Per-token KL(p̂ ‖ q) to the empirical distribution of a sampled teacher: student (N, V), the distinct
+    ids drawn (N, K) and their shares of the draws (N, K; 0 on padding) -> (N,).
+
+    p̂ (the shares) is an unbiased estimate of the teacher's p, and KL(p̂ ‖ q) = −H(p̂) − Σ p̂ log q, whose
+    gradient in q is that of the cross-entropy −Σ p̂ log q: in expectation, exactly the gradient of
+    KL(p ‖ q). (Its value estimates KL(p ‖ q) only up to the bias of the empirical entropy.)
+    """
+    student = student_logprobs.gather(-1, teacher_ids)
+    drawn = teacher_weights > 0
+    entropy_term = torch.where(drawn, teacher_weights * teacher_weights.clamp_min(1e-30).log(), 0.0)
+    return (entropy_term - torch.where(drawn, teacher_weights * student, 0.0)).sum(-1)
+
+
 def sample_mean_divergence(
-    student_logprobs: Tensor, teacher_ids: Tensor | None, teacher_logprobs: Tensor, config: LossConfig
+    student_logprobs: Tensor, teacher_ids: Tensor | None, teacher_logprobs: Tensor | None, config: LossConfig,
+    teacher_weights: Tensor | None = None,
 ) -> Tensor:
     """Per-token D averaged over the M teacher samples, (1/M) Σ_m D(p^(m), q) (KA): (N,).
 
     Sparse with teacher_ids and teacher_logprobs (M, N, k); dense with
-    teacher_ids None and teacher_logprobs (M, N, V).
+    teacher_ids None and teacher_logprobs (M, N, V); sampled with teacher_ids
+    and teacher_weights (1, N, K): forward KL to the draws, which already mix
+    the M samples (`sampled_forward_kl`; the train stage refuses other D).
     """
+    if teacher_weights is not None:
+        return sampled_forward_kl(student_logprobs, teacher_ids[0], teacher_weights[0])
     if teacher_ids is None:
         per_sample = [dense_divergence(student_logprobs, lp, config) for lp in teacher_logprobs]
     else:
@@ -228,13 +247,14 @@ def chunk_losses(
     teacher_ids: Tensor | None,
     teacher_logprobs: Tensor | None,
     config: LossConfig,
+    teacher_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Summed CE and teacher-sample-averaged D for one chunk of tokens."""
     logprobs = project(hidden)
     ce = F.nll_loss(logprobs, targets, reduction="sum")
-    if teacher_logprobs is None:
+    if teacher_logprobs is None and teacher_weights is None:
         return ce, torch.zeros_like(ce)
-    return ce, sample_mean_divergence(logprobs, teacher_ids, teacher_logprobs, config).sum()
+    return ce, sample_mean_divergence(logprobs, teacher_ids, teacher_logprobs, config, teacher_weights).sum()
 
 
 def distillation_loss(
@@ -244,6 +264,7 @@ def distillation_loss(
     teacher_ids: Tensor | None,
     teacher_logprobs: Tensor | None,
     config: LossConfig,
+    teacher_weights: Tensor | None = None,
 ) -> LossSums:
     """CE and KD sums over N response-predicting tokens.
 
@@ -253,7 +274,8 @@ def distillation_loss(
     The teacher is one of:
     - sparse: teacher_ids and teacher_logprobs (M, N, k), from the cache;
     - dense: teacher_ids None, teacher_logprobs (M, N, V) (SAR's teacher);
-    - none: both None, SFT (kd = 0).
+    - sampled: teacher_ids and teacher_weights (1, N, K), a sampled cache's draws;
+    - none: all None, SFT (kd = 0).
     D is averaged over the M teacher samples, (1/M) Σ_m D(p^(m), q) (KA).
     Log-probs are computed chunk by chunk (config.chunk_tokens), under activation
     checkpointing when there are several chunks, so peak memory holds a few (chunk, V) tensors of one chunk
@@ -275,6 +297,7 @@ def distillation_loss(
             None if teacher_ids is None else teacher_ids[:, chunk],
             None if teacher_logprobs is None else teacher_logprobs[:, chunk],
             config,
+            None if teacher_weights is None else teacher_weights[:, chunk],
         )
         ce, kd = ce + chunk_ce, kd + chunk_kd
     return LossSums(ce, kd, len(targets))

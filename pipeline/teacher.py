@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from pipeline.batch import Batch, collate_examples, collate_records
-from pipeline.cache_format import Manifest, verify_cache
+from pipeline.cache_format import Manifest, sampled, verify_cache
 from pipeline.capture import teacher_topk
 from pipeline.data import PreparedData
 from pipeline.errors import MoekdError
@@ -117,6 +117,7 @@ class CachedTeacher:
             raise MoekdError(f"ka_samples=aggregate but teacher cache {cache} stores no aggregate "
                              "(build it with aggregate=true, or use ka_samples=mean)")
         self.cache, self.aggregate = cache, aggregate
+        self.sampled = sampled(manifest.identity["encoding"])
         self.made_with = cache_made_with(cache)
         self.inputs = {"cache": cache_inputs(cache)}
         self.description = f"offline KD from {cache}"

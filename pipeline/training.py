@@ -13,10 +13,12 @@ its teacher (`pipeline.teacher`) and its step, and the run does the rest.
   so `moekd eval` can load it), its tokenizer and `trainer.pt` (optimizer,
   step, the reader's position, every rank's RNG states, ...). It is written
   under a temporary name, fsynced and renamed, so a listed checkpoint is whole.
-- A run directory holds run.json (the settings that decide the numbers),
+- A run directory holds run.json (the settings that decide the numbers and
+  the run's inputs by content), run.lock (held by the process running it),
   metrics.jsonl, checkpoints/ and final/. A re-run with the same settings
   resumes from the newest checkpoint (or finds the run finished); other
-  settings are refused unless overwrite, which starts afresh.
+  settings are refused unless overwrite, which starts afresh; other inputs
+  (another cache, data, teacher or starting student) always.
 """
 
 from __future__ import annotations
@@ -42,12 +44,12 @@ from tqdm import tqdm
 from pipeline.config import to_dict
 from pipeline.distributed import worker_slot
 from pipeline.errors import MoekdError, first_line
-from pipeline.files import (
-    FileLock, atomic_directory, atomic_write_bytes, atomic_write_json, read_json, remove_stale_directories,
-)
 from pipeline.batch import Batch
 from pipeline.data import PreparedData
 from pipeline.evaluation import cache_kl, response_loss
+from pipeline.files import (
+    FileLock, atomic_directory, atomic_write_bytes, atomic_write_json, read_json, remove_stale_directories,
+)
 from pipeline.logprobs import target_hidden, vocab_logprobs
 from pipeline.losses import LossConfig, distillation_loss
 from pipeline.models import (
@@ -256,11 +258,11 @@ class StudentLoss(nn.Module):
         self.model, self.loss = model, loss
 
     def forward(self, input_ids, attention_mask, rows, cols, targets, teacher_ids, teacher_logprobs,
-                normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
+                teacher_weights, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss sum / normalizer, detached (ce sum, kd sum))."""
         hidden = target_hidden(self.model, input_ids, attention_mask, rows, cols)
         sums = distillation_loss(hidden, functools.partial(vocab_logprobs, self.model), targets, teacher_ids,
-                                 teacher_logprobs, self.loss)
+                                 teacher_logprobs, self.loss, teacher_weights)
         return sums.total(self.loss.alpha, normalizer), torch.stack([sums.ce, sums.kd]).detach()
 
 
@@ -299,7 +301,7 @@ class Trainer:
                 with torch.autocast(device.type, self.autocast, enabled=self.autocast is not None):
                     loss, batch_sums = (self.parallel or self.module)(
                         batch.input_ids, batch.attention_mask, batch.rows, batch.cols, batch.targets,
-                        batch.teacher_ids, batch.teacher_logprobs, normalizer,
+                        batch.teacher_ids, batch.teacher_logprobs, batch.teacher_weights, normalizer,
                     )
                 loss.backward()
             sums += batch_sums.float()

@@ -1,7 +1,10 @@
-"""Run the MoE teacher over prepared data and write the top-k logit cache.
+"""Run the MoE teacher over prepared data and write the teacher-logit cache (top-k or sampled).
 
 For every response token and every routing sample it stores the teacher's
-top-k token ids and log-probabilities (normalised over the full vocabulary) in
+top-k token ids and log-probabilities (normalised over the full vocabulary),
+or (`storage: sampled`) `draws` tokens drawn from the teacher's distribution
+(the mixture of the M samples) as distinct ids and counts: several times
+smaller, whatever M, and an unbiased target for forward KL. Both go to
 zstd-compressed Parquet shards with a manifest. Shard `s` always holds prepared
 rows `[s * shard_size, (s + 1) * shard_size)`, so re-running resumes at the
 first uncommitted shard and any number of workers (`--worker i --num-workers n`
@@ -22,7 +25,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from tqdm import tqdm
 
@@ -50,8 +53,10 @@ class Config:
     data: str  # a `moekd prepare` output directory
     routers: str | None = None  # a `moekd sar` routers file for this teacher: cache the SAR-adapted teacher
     routing: RoutingConfig = field(default_factory=RoutingConfig)
-    top_k: int = 64  # log-probs stored per token and sample
-    aggregate: bool = False  # also store the top-k of the mean of the M samples
+    storage: Literal["topk", "sampled"] = "topk"  # top-k log-probs, or tokens drawn from the teacher
+    top_k: int = 64  # topk: log-probs stored per token and sample
+    aggregate: bool = False  # topk: also store the top-k of the mean of the M samples
+    draws: int = 64  # sampled: tokens drawn per token from the teacher (the mixture of the M samples)
     shard_size: int = 256  # sequences per shard
     batch_size: int = 8  # sequences per teacher forward
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
@@ -62,10 +67,19 @@ class Config:
     trust_remote_code: bool = False  # let the model/tokenizer directories run their own Python code (off: never)
 
     def __post_init__(self):
-        if self.top_k < 1 or self.shard_size < 1 or self.batch_size < 1:
-            raise ValueError("top_k, shard_size and batch_size must be positive")
+        if self.top_k < 1 or self.shard_size < 1 or self.batch_size < 1 or self.draws < 1:
+            raise ValueError("top_k, draws, shard_size and batch_size must be positive")
         if self.aggregate and self.routing.mode != "ka":
             raise ValueError("aggregate=true needs routing.mode=ka (it averages the KA samples)")
+        if self.storage == "sampled" and self.aggregate:
+            raise ValueError("aggregate=true is top-k storage's: a sampled cache's draws already mix the M samples")
+
+    def encoding(self, vocab_size: int) -> dict:
+        """`cache_format.encoding_spec`'s arguments for this storage."""
+        if self.storage == "sampled":
+            return dict(vocab_size=vocab_size, num_samples=self.routing.samples, draws=self.draws)
+        return dict(vocab_size=vocab_size, num_samples=self.routing.samples, k=self.top_k,
+                    with_aggregate=self.aggregate)
 
 
 @honours_remote_code
@@ -82,7 +96,7 @@ def run(config: Config) -> dict:
         apply_routers(model, config.routers)
         teacher["routers"] = sha256_file(Path(config.routers))  # absent without: older caches keep their identity
     vocabulary = vocab_size(model)
-    if config.top_k > vocabulary:
+    if config.storage == "topk" and config.top_k > vocabulary:
         raise MoekdError(f"top_k={config.top_k} exceeds the teacher's vocabulary ({vocabulary})")
     num_samples = config.routing.samples
     num_shards = math.ceil(len(data) / config.shard_size)
@@ -96,9 +110,7 @@ def run(config: Config) -> dict:
         "num_shards": num_shards,
         "batch_size": config.batch_size,  # batch composition changes float rounding
         "dtype": str(dtype).removeprefix("torch."),
-        "encoding": encoding_spec(
-            vocab_size=vocabulary, k=config.top_k, num_samples=num_samples, with_aggregate=config.aggregate
-        ),
+        "encoding": encoding_spec(**config.encoding(vocabulary)),
     }
     info = {"teacher_path": config.teacher, "routers_path": config.routers, "data_path": config.data,
             "device": device.type}
@@ -107,7 +119,8 @@ def run(config: Config) -> dict:
     print(
         f"cache: {num_shards} shards of {config.shard_size} sequences, {len(manifest.committed())} already "
         f"committed; worker {worker}/{num_workers} has {len(todo)} to write "
-        f"(routing={config.routing.mode}, M={num_samples}, k={config.top_k})"
+        f"(routing={config.routing.mode}, M={num_samples}, "
+        + (f"{config.draws} draws)" if config.storage == "sampled" else f"k={config.top_k})")
     )
     with RoutingHooks(model, config.routing) as routing:
         stats = write_shards(config, data, model, routing, manifest, todo, num_samples, vocabulary, tokenizer)
@@ -135,10 +148,7 @@ def write_shards(config, data, model, routing, manifest, todo, num_samples, voca
                 path = shard_path(manifest.directory, index)
                 remove_stale_temporaries(path.parent, path.name)  # left by a killed writer of this shard
                 records = teacher_records(config, data, model, routing, index, num_samples, pad_id, bar)
-                shard = write_shard(
-                    manifest.directory, index, records, vocab_size=vocab_size, k=config.top_k,
-                    num_samples=num_samples, with_aggregate=config.aggregate,
-                )
+                shard = write_shard(manifest.directory, index, records, **config.encoding(vocab_size))
                 manifest.commit(shard)
             finally:
                 lock.release()
@@ -157,8 +167,9 @@ def teacher_records(config, data, model, routing, index, num_samples, pad_id, ba
     records = []
     for start in range(0, len(order), config.batch_size):
         batch = collate_examples(order[start : start + config.batch_size], pad_id).to(model.device)
-        records += capture_batch(model, routing, batch, k=config.top_k, num_samples=num_samples,
-                                 aggregate=config.aggregate)
+        records += capture_batch(model, routing, batch, num_samples=num_samples, k=config.top_k,
+                                 aggregate=config.aggregate, seed=config.routing.seed,
+                                 draws=config.draws if config.storage == "sampled" else None)
         bar.update(batch.tokens)
     return sorted(records, key=lambda r: r.seq_id)
 

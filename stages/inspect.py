@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from pipeline.cache_format import Manifest
+from pipeline.cache_format import Manifest, sampled
 from pipeline.errors import MoekdError
 from pipeline.models import honours_remote_code, load_tokenizer
 
@@ -51,14 +51,21 @@ def summary(manifest: Manifest) -> str:
         f"data       {said(manifest.info, 'data_path')} (fingerprint {str(said(identity, 'data_fingerprint'))[:12]}, "
         f"{said(identity, 'rows')} sequences)",
         f"routing    {routing_text(said(identity, 'routing'))}",
-        f"stored     top-{encoding['k']} of vocab {encoding['vocab_size']}, M={samples} samples"
-        f"{' + aggregate' if encoding['aggregate'] else ''}, dtype {said(identity, 'dtype')}",
+        f"stored     {stored(encoding)}, dtype {said(identity, 'dtype')}",
         f"shards     {len(shards)}/{said(identity, 'num_shards')} committed, {said(identity, 'shard_size')} "
         "sequences each",
         f"tokens     {tokens} response tokens, {size / 1e6:.2f} MB"
-        + (f", {size / (tokens * samples):.1f} bytes/token/sample" if tokens else ""),
+        + (f", {size / tokens:.1f} bytes/token, {size / (tokens * samples):.1f} bytes/token/sample" if tokens else ""),
     ]
     return "\n".join(lines)
+
+
+def stored(encoding: dict) -> str:
+    if sampled(encoding):
+        return (f"{encoding['draws']} tokens drawn per position from the mixture of M={encoding['num_samples']} "
+                f"samples, vocab {encoding['vocab_size']}")
+    return (f"top-{encoding['k']} of vocab {encoding['vocab_size']}, M={encoding['num_samples']} samples"
+            + (" + aggregate" if encoding["aggregate"] else ""))
 
 
 def said(section, key: str):
@@ -94,9 +101,16 @@ def sequence_view(manifest: Manifest, config: Config) -> str:
     tokenizer = load_tokenizer(config.tokenizer)
     show = lambda i: repr(tokenizer.decode([int(i)]))  # noqa: E731 - repr makes spaces and newlines visible
     lines = [f"\nsequence {config.seq}: {len(record.input_ids)} tokens, {len(record.positions)} stored positions"]
+    starts = None if record.sample_sizes is None else np.cumsum(record.sample_sizes) - record.sample_sizes
     for t, position in enumerate(record.positions[: config.max_positions]):
         target = record.input_ids[position + 1]
         lines.append(f"  pos {position:4d} -> target {show(target)}")
+        if starts is not None:  # a sampled cache: the ids drawn most often
+            ids = record.sample_ids[starts[t] : starts[t] + record.sample_sizes[t]]
+            counts = record.sample_counts[starts[t] : starts[t] + record.sample_sizes[t]]
+            order = np.argsort(-counts, kind="stable")[: config.top]
+            lines.append("    drawn: " + ", ".join(f"{show(ids[i])} x{counts[i]}" for i in order))
+            continue
         for m in range(record.topk_ids.shape[0]):
             order = np.argsort(-record.topk_logprobs[m, t])[: config.top]
             ranked = ", ".join(

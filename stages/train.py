@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from pipeline.batch import Batch, one_sample_per_sequence
+from pipeline.errors import MoekdError
 from pipeline.models import honours_remote_code, resolve_dtype
 from pipeline.routing import RoutingConfig
 from pipeline.teacher import CachedTeacher, Labels, OnlineTeacher
@@ -97,6 +98,13 @@ def make_teacher(config: Config, run: Run, stack: contextlib.ExitStack):
     aggregate = config.ka_samples == "aggregate"
     if config.cache:
         teacher = CachedTeacher(config.cache, aggregate)
+        loss = config.loss
+        if teacher.sampled and (loss.divergence != "forward_kl" or loss.temperature != 1 or config.ka_samples != "mean"):
+            raise MoekdError(
+                f"{config.cache} is a sampled cache: its draws estimate the teacher's distribution without its "
+                "probabilities, which is exact (in expectation) for forward KL at temperature 1 only, and they "
+                "already mix the KA samples. Use loss.divergence=forward_kl, loss.temperature=1 and "
+                f"ka_samples=mean (got {loss.divergence}, {loss.temperature}, {config.ka_samples}), or a top-k cache")
     elif config.teacher:
         device = run.processes.device
         teacher = OnlineTeacher(config.data, config.shard_size, config.teacher, config.routing, config.top_k,

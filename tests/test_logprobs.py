@@ -68,7 +68,7 @@ def test_training_evaluation_and_sar_use_the_models_own_logits(gemma, batch):
     teacher = expected.topk(16, -1)
     with torch.no_grad():
         loss, sums = module(collated.input_ids, collated.attention_mask, collated.rows, collated.cols,
-                            collated.targets, teacher.indices[None], teacher.values[None], 1.0)
+                            collated.targets, teacher.indices[None], teacher.values[None], None, 1.0)
     ce, kd = sums.tolist()
     assert ce == pytest.approx(nll.sum().item(), rel=1e-5)
     assert abs(kd) < 1e-4  # the model's own distribution is no distance from itself

@@ -28,10 +28,14 @@ def test_a_small_study_reports_every_method_against_the_baseline_and_resumes(
             f"train_data={tmp_path / 'train'}", f"heldout_data={tmp_path / 'heldout'}", "seeds=[0, 1]",
             "replicates=200", "ka.samples=2", "cache.top_k=16",
             "train={batch_size: 4, max_steps: 6, save_every: 0, device: cpu, dtype: float32, optim: {lr: 0.01, warmup_steps: 0}}",
-            "eval={max_new_tokens: 3, batch_size: 8, device: cpu, dtype: float32}"]
+            "eval={max_new_tokens: 3, batch_size: 8, device: cpu, dtype: float32}",
+            "variants={kd_sampled: {cache: {storage: sampled, draws: 8}}, full: {online: {top_k: 384}}}"]
     assert quality.main(args) == 0
     report = json.loads((tmp_path / "study" / "study.json").read_text())
-    assert set(report["methods"]) == set(quality.METHODS) and report["examples"] == 16
+    assert set(report["methods"]) == {*quality.METHODS, "kd_sampled", "full"} and report["examples"] == 16
+    sizes = report["cache_bytes_per_token"]
+    assert set(sizes) == {"kd", "ka", "all", "top_p", "kd_sampled"}  # the online variant has no cache
+    assert sizes["kd_sampled"]["teacher"] < sizes["kd"]["teacher"] / 2, sizes  # 8 draws vs the top-16
     for method, entry in report["methods"].items():
         for key in ("ce", "kl", "rougeL"):
             assert len(entry[key]["per_seed"]) == 2 and entry[key]["std"] >= 0
@@ -50,5 +54,5 @@ def test_a_small_study_reports_every_method_against_the_baseline_and_resumes(
     capsys.readouterr()
     assert quality.main(args) == 0
     printed = capsys.readouterr().out
-    assert "steps done" not in printed and printed.count("reusing") == 2 * (2 + 6 * 2)
+    assert "steps done" not in printed and printed.count("reusing") == 2 * (2 + 8 * 2)
     assert json.loads((tmp_path / "study" / "study.json").read_text()) == report
