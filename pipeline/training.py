@@ -68,7 +68,7 @@ CHECKPOINTS = "checkpoints"
 FINAL = "final"
 FINISHED = "finished"
 # Settings that change neither the losses nor the weights: a run may resume with other values.
-RESUMABLE_WITH_CHANGES = ("overwrite", "save_every", "keep_checkpoints", "prefetch")
+RESUMABLE_WITH_CHANGES = ("overwrite", "save_every", "keep_checkpoints", "prefetch", "trust_remote_code")
 
 
 @dataclass
