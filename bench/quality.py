@@ -112,13 +112,13 @@ class Config:
             raise ValueError(f"variant {clash[0]!r} has the name of a method; name it otherwise")
         if self.baseline not in self.compared:
             raise ValueError(f"baseline {self.baseline!r} is not among methods or variants {self.compared}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
 
     @property
     def compared(self) -> list[str]:
         """Every method of the study: the named ones, then the variants."""
         return list(self.methods) + list(self.variants)
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
 
 
 def overrides(settings: dict[str, Any], prefix: str = "") -> list[str]:
