@@ -214,14 +214,21 @@ def write_shard(cache_dir: Path, index: int, records: list[TeacherRecord], **enc
         raise ValueError(f"shard {index}: records must be in ascending seq_id order")
     table = _encode(records, spec)
     path = shard_path(cache_dir, index)
-    atomic_write(path, lambda tmp: pq.write_table(
-        table, tmp, compression="zstd", compression_level=ZSTD_LEVEL, use_dictionary=False,
-        write_statistics=False, row_group_size=ROW_GROUP_ROWS, column_encoding=_parquet_encodings(table),
-    ))
+    atomic_write(path, lambda tmp: write_parquet(table, tmp))
     return ShardInfo(
         index=index, file=f"{SHARDS}/{path.name}", rows=len(records),
         tokens=sum(len(r.positions) for r in records), bytes=path.stat().st_size, sha256=sha256_file(path),
     )
+
+
+def write_parquet(table: pa.Table, where, encodings: dict[str, str] = COLUMN_ENCODINGS) -> None:
+    """Write `table` (to a path or file object) with a shard's Parquet settings; `encodings` maps each
+    column to its Parquet encoding."""
+    # Parquet names a list's values `<column>.list.element`.
+    encoding = {name if pa.types.is_primitive(table.schema.field(name).type) else f"{name}.list.element":
+                encodings[name] for name in table.column_names}
+    pq.write_table(table, where, compression="zstd", compression_level=ZSTD_LEVEL, use_dictionary=False,
+                   write_statistics=False, row_group_size=ROW_GROUP_ROWS, column_encoding=encoding)
 
 
 def _check_record(record: TeacherRecord, spec: dict) -> None:
@@ -332,12 +339,6 @@ def _list_array(arrays: list[np.ndarray], dtype) -> pa.ListArray:
 
 def _offsets(lengths: list[int]) -> pa.Array:
     return pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32))
-
-
-def _parquet_encodings(table: pa.Table) -> dict[str, str]:
-    # Parquet names a list's values `<column>.list.element`.
-    return {name if name == "seq_id" else f"{name}.list.element": COLUMN_ENCODINGS[name]
-            for name in table.column_names}
 
 
 # ---------------------------------------------------------------- reading

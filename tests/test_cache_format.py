@@ -388,3 +388,29 @@ def test_read_shard_reports_a_corrupt_file_as_a_user_error(tmp_path):
         read_shard(shard_path(tmp_path, 1))
     with pytest.raises(MoekdError, match="shard-00001.parquet"):
         read_shard_index(shard_path(tmp_path, 1))
+
+
+def test_encodings_bench_measures_what_the_cache_stores(tmp_path):
+    """bench/cache_encodings.py: at the cache's own k it writes the shard's teacher columns to the byte
+    count the shard has; fewer ids hold less mass in fewer bytes; top-p holds at least p where it can;
+    8-bit log-probs with the tail stored add a KL far below the float16 rounding's scale."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import cache_encodings
+
+    records = make_records(40, M=2, k=16, vocab=3000, min_T=4, max_T=12)
+    write_shard(tmp_path, 0, records, **spec_of(records, 3000, False))
+    metadata = pq.ParquetFile(shard_path(tmp_path, 0)).metadata
+    teacher_bytes = sum(metadata.row_group(g).column(c).total_compressed_size
+                        for g in range(metadata.num_row_groups) for c in range(metadata.num_columns)
+                        if metadata.row_group(g).column(c).path_in_schema.startswith("topk_"))
+    positions = sum(len(r.positions) for r in records)
+    full, small = (cache_encodings.measure(records, "top-k", None, k, False) for k in (16, 4))
+    assert abs(full["bytes"] * positions - teacher_bytes) < 0.05 * teacher_bytes  # one file vs row groups
+    assert full["ids"] == 32 and small["ids"] == 8 and small["mass"] < full["mass"] and small["bytes"] < full["bytes"]
+    top_p = cache_encodings.measure(records, "top-p", 0.5, None, False)
+    assert top_p["mass"] >= min(0.5, full["mass"]) - 1e-6
+    eight = cache_encodings.measure(records, "8-bit", None, 16, True)
+    assert eight["mass"] == full["mass"] and 0 < eight["kl"] < 1e-3
