@@ -1,5 +1,6 @@
-import math
 """Distillation losses against independent computations from the definitions."""
+
+import math
 
 import pytest
 import torch

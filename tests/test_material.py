@@ -314,7 +314,7 @@ def test_fetch_stage_writes_splits_and_model_link(tmp_path, ni_tasks, student_di
     out = tmp_path / "run"
     fetch.run(fetch.Config(output=str(out), cache_dir=str(cache), heldout_sources=["gamma"],
                            train_per_task=3, validation_per_task=1, heldout_per_task=2))
-    rows = {s: [json.loads(l) for l in (out / f"{s}.jsonl").read_text().splitlines()] for s in material.SPLITS}
+    rows = {s: [json.loads(line) for line in (out / f"{s}.jsonl").read_text().splitlines()] for s in material.SPLITS}
     assert [len(rows[s]) for s in material.SPLITS] == [5 * 3, 5, 2]
     assert set(rows["train"][0]) == {"instruction", "context", "response", "references", "source"}
     assert (out / "model").resolve() == (cache / "models" / "SmolLM2-135M-Instruct").resolve()
