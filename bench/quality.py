@@ -21,7 +21,9 @@ sets the data order and the training draws):
 Cached methods share one cache each (the student's seed does not change the
 teacher). Then `moekd eval` scores every model, the teacher and the untrained
 student on the held-out split (cross-entropy, KL(teacher ‖ model) on a
-held-out cache of the teacher's own routing, ROUGE-L of greedy generations),
+held-out cache of the teacher's own routing: over its top-k and the tail as one
+outcome, or over the whole vocabulary with `heldout_top_k` set to its size;
+ROUGE-L of greedy generations),
 and the study reports per method the mean and standard deviation over seeds
 and, against `baseline`, the paired difference with a 95% bootstrap CI over
 held-out examples and seeds (`pipeline.statistics`): `study.md`, `study.json`
@@ -91,6 +93,7 @@ class Config:
     # Another study's or the demo's directories reuse what they hold where the settings are the same:
     # `moekd cache` finds a cache complete, `moekd train` a run finished.
     train_config: str | None = None  # a `moekd train` YAML whose settings every run takes (paths aside)
+    heldout_top_k: int | None = None  # the held-out cache's k (null: `cache`'s); the vocabulary size: exact KL
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     variants: dict[str, Variant] = field(default_factory=dict)  # more methods, by name (e.g. other cache storages)
     baseline: str = "kd"  # the method every other is compared with
@@ -169,9 +172,10 @@ def run_study(config: Config) -> dict:
     caches = Path(config.cache_root) if config.cache_root else out / "cache"
     runs = Path(config.runs_root) if config.runs_root else out / "runs"
     experts = num_experts(config.teacher)
-    heldout_cache = caches / "heldout"
+    k = config.heldout_top_k
+    heldout_cache = caches / ("heldout" if k is None else f"heldout-top{k}")
     run_stage("cache", str(heldout_cache), "--teacher", config.teacher, "--data", config.heldout_data,
-              *overrides({"routing": {"mode": "topk"}} | config.cache))
+              *overrides({"routing": {"mode": "topk"}} | config.cache | ({} if k is None else {"top_k": k})))
     models = {"teacher": config.teacher, "start": config.student}
     for method in config.compared:
         variant = config.variants.get(method)
@@ -199,7 +203,12 @@ def run_study(config: Config) -> dict:
     evaluation = out / "eval"
     run_stage("eval", "--output", str(evaluation), "--cache", str(heldout_cache),
               "data=" + json.dumps([config.heldout_data]), "models=" + json.dumps(models), *overrides(config.eval))
-    report = summarize(config, evaluation, runs) | {"cache_bytes_per_token": sizes}
+    from pipeline.cache_format import Manifest
+
+    encoding = Manifest.load(heldout_cache).identity["encoding"]
+    kl_over = ("the whole vocabulary" if encoding["k"] == encoding["vocab_size"]
+               else f"the teacher's top-{encoding['k']} and the rest as one outcome")
+    report = summarize(config, evaluation, runs) | {"cache_bytes_per_token": sizes, "kl_over": kl_over}
     write_report(out, report)
     plot(config, out, report)
     return report
@@ -276,7 +285,8 @@ def write_report(out: Path, report: dict) -> None:
     base = report["baseline"]
     lines = [f"# Quality study: {len(report['seeds'])} seeds, {report['examples']} held-out examples", "",
              f"Mean ± standard deviation over seeds; Δ vs {base}: the paired difference (mean over seeds) "
-             "with its 95% bootstrap CI over held-out examples and seeds.", "",
+             "with its 95% bootstrap CI over held-out examples and seeds. KL(teacher ‖ student) over "
+             f"{report['kl_over']}.", "",
              "| method | " + " | ".join(f"{title} | Δ vs {base} [95% CI]" for _, _, _, title, _ in METRICS) + " |",
              "|---|" + "---:|---:|" * len(METRICS)]
     for name, values in report["references"].items():

@@ -26,7 +26,7 @@ def test_a_small_study_reports_every_method_against_the_baseline_and_resumes(
         prepare.run(prepare.Config(inputs=[str(jsonl)], output=str(tmp_path / split), tokenizer=str(tokenizer_dir)))
     args = ["output=" + str(tmp_path / "study"), f"teacher={teacher}", f"student={student_dir}",
             f"train_data={tmp_path / 'train'}", f"heldout_data={tmp_path / 'heldout'}", "seeds=[0, 1]",
-            "replicates=200", "ka.samples=2", "cache.top_k=16",
+            "replicates=200", "ka.samples=2", "cache.top_k=16", "heldout_top_k=384",
             "train={batch_size: 4, max_steps: 6, save_every: 0, device: cpu, dtype: float32, optim: {lr: 0.01, warmup_steps: 0}}",
             "eval={max_new_tokens: 3, batch_size: 8, device: cpu, dtype: float32}",
             "variants={kd_sampled: {cache: {storage: sampled, draws: 8}}, full: {online: {top_k: 384}}}"]
@@ -49,6 +49,7 @@ def test_a_small_study_reports_every_method_against_the_baseline_and_resumes(
     sft = report["methods"]["sft"]["kl"]
     assert sft["ci"][0] > 0 and report["methods"]["kd"]["kl"]["mean"] < report["references"]["start"]["kl"]
     table = (tmp_path / "study" / "study.md").read_text()
+    assert "KL(teacher ‖ student) over the whole vocabulary." in table  # heldout_top_k = the vocabulary
     assert "| teacher |" in table and "| sar |" in table and (tmp_path / "study" / "study.png").stat().st_size > 10_000
     # A second run trains and evaluates nothing again: it only rebuilds the report.
     capsys.readouterr()
