@@ -16,24 +16,33 @@ Weights always follow the family's own rule over the chosen set, with the
 family's arithmetic and dtype casts, and stay differentiable in the router
 parameters (SAR trains routers through these hooks).
 
+The families are data: `RULES` describes each supported family's router by a
+few choices (the score the weights are made of, softmax or sigmoid; whether it
+is taken over all experts or over the chosen ones' logits; renormalisation
+over the chosen experts, always, never or behind a flag; a selection-only
+bias; a scaling factor; the weights' dtype), and one implementation serves
+them all. `UNSUPPORTED` names the MoE families of the pinned transformers that
+are refused, each with its reason.
+
 Choices where a family leaves room:
 - ka with k_s = k keeps the router's own (indices, weights) for tokens that
   are not sampled, so λ=0 reproduces the model bit for bit.
-- DeepSeek-V3 samples from softmax(router_logits) like every family (METHOD),
-  ignoring its expert groups; its weights are the sigmoid scores (without the
-  correction bias), normalised iff norm_topk_prob, times routed_scaling_factor.
-  With k_s != k it ranks by sigmoid + e_score_correction_bias over all experts
-  (the group limit is defined for its own k only).
-- top_p measures mass with softmax(router_logits) for every family, DeepSeek
-  included; the variable-size sets are padded with the token's best expert at
-  weight 0, which every experts implementation accepts (GPT-OSS's eager
-  experts reject the out-of-range index E).
+- Every family samples from softmax(router_logits) (METHOD), sigmoid-scored
+  ones (DeepSeek-V3 and its kin) included, ignoring expert groups. With
+  k_s != k and in `all`/`top_p` the choice is ranked by the family's own score
+  (plus its selection bias) over all experts: a group limit is defined for the
+  family's own k only.
+- top_p measures mass with softmax(router_logits) for every family; the
+  variable-size sets are padded with the token's best expert at weight 0,
+  which every experts implementation accepts (GPT-OSS's eager experts reject
+  the out-of-range index E).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Iterator, Literal
 
@@ -45,15 +54,112 @@ from pipeline.seeding import generator
 
 MODES = ("topk", "ka", "all", "top_p")
 
-# model_type -> class name of its router module.
-ROUTER_CLASSES = {
-    "mixtral": "MixtralTopKRouter",
-    "qwen2_moe": "Qwen2MoeTopKRouter",
-    "qwen3_moe": "Qwen3MoeTopKRouter",
-    "olmoe": "OlmoeTopKRouter",
-    "deepseek_v3": "DeepseekV3TopkRouter",
-    "gpt_oss": "GptOssTopKRouter",
+@dataclass(frozen=True)
+class Rule:
+    """How one family's router chooses and weighs its experts."""
+
+    router: str  # class name of its router module, which returns (logits, weights, indices)
+    score: Literal["softmax", "sigmoid"] = "softmax"  # what the weights are made of
+    over: Literal["all", "chosen"] = "all"  # softmax over all experts then gathered, or over the chosen logits
+    renormalize: bool | str = True  # over the chosen experts: always, never, or iff this router attribute is true
+    epsilon: float = 0.0  # added to the renormalising sum
+    bias: str | None = None  # router attribute added to the score to choose experts (not to weigh them)
+    scale: str | None = None  # router attribute the weights are multiplied by
+    float32: bool = False  # weights stay float32 (else: cast back to the logits' dtype)
+
+
+_MIXTRAL = Rule("", float32=True)
+_QWEN = Rule("", renormalize="norm_topk_prob")
+_CHOSEN = Rule("", over="chosen")
+_DEEPSEEK_V3 = Rule("", score="sigmoid", renormalize="norm_topk_prob", epsilon=1e-20,
+                    bias="e_score_correction_bias", scale="routed_scaling_factor", float32=True)
+
+
+def _rules(base: Rule, **routers: str) -> dict[str, Rule]:
+    return {family: replace(base, router=router) for family, router in routers.items()}
+
+
+# model_type -> its rule. Families whose modular source copies another's router share its rule.
+RULES: dict[str, Rule] = {
+    **_rules(_MIXTRAL, mixtral="MixtralTopKRouter", minimax="MiniMaxTopKRouter"),
+    **_rules(replace(_QWEN, renormalize=True), qwen3_5_moe_text="Qwen3_5MoeTopKRouter",
+             hunyuan_v1_moe="HunYuanMoEV1Gate"),
+    **_rules(_QWEN, qwen2_moe="Qwen2MoeTopKRouter", qwen3_moe="Qwen3MoeTopKRouter", olmoe="OlmoeTopKRouter",
+             flex_olmo="FlexOlmoTopKRouter", mellum="MellumTopKRouter", qwen3_next="Qwen3NextTopKRouter",
+             qwen4_exp_text="Qwen4ExpTextTopKRouter", lara_mini="LaraMiniTopKRouter"),
+    **_rules(replace(_QWEN, renormalize=False), jamba="JambaTopKRouter"),
+    **_rules(_CHOSEN, gpt_oss="GptOssTopKRouter", granitemoe="GraniteMoeTopKRouter",
+             granitemoe_swa="GraniteMoeSWATopKRouter", granitemoeshared="GraniteMoeSharedTopKRouter",
+             granitemoehybrid="GraniteMoeHybridTopKRouter", aria_text="AriaTextTopKRouter"),
+    **_rules(Rule("", renormalize=False, scale="routed_scaling_factor", float32=True),
+             deepseek_v2="DeepseekV2TopkRouter"),
+    **_rules(_DEEPSEEK_V3, deepseek_v3="DeepseekV3TopkRouter", sarvam_mla="DeepseekV3TopkRouter",
+             deepseek_v32="DeepseekV32TopkRouter", glm4_moe="Glm4MoeTopkRouter", sarvam_moe="Glm4MoeTopkRouter",
+             glm4_moe_lite="Glm4MoeLiteTopkRouter", glm_moe_dsa="GlmMoeDsaTopkRouter", dots1="Dots1TopkRouter",
+             dots3_note_text="Dots3NoteTextTopkRouter", exaone_moe="ExaoneMoeTopkRouter",
+             mimo_v2_flash="MiMoV2FlashTopkRouter", solar_open="SolarOpenTopkRouter", axk1="AXK1TopkRouter",
+             axk2="AXK2TopkRouter", bailing_hybrid="BailingHybridTopkRouter", kimi_linear="KimiLinearTopkRouter",
+             hy_v4="HYV4TopkRouter", nemotron_h="NemotronHTopkRouter"),
+    **_rules(replace(_DEEPSEEK_V3, scale=None), beam="BeamTopKRouter"),  # its MoE block applies the scale
+    **_rules(replace(_DEEPSEEK_V3, epsilon=0.0, bias=None, scale=None), flint="FlintTopKRouter"),
 }
+
+_NO_CAUSAL_LM = ("AutoModelForCausalLM does not load it (a multimodal model, or a text model without a "
+                 "causal-LM class); moekd loads teachers with AutoModelForCausalLM")
+_BIAS_ARGUMENT = "its MoE block passes the selection bias to the router as an argument: not yet described by a rule"
+_SCORE = "its score function is configurable and not yet described by a rule"
+_FOUR = "its router returns four values and weighs shared experts with the routed ones"
+_GEMMA4 = "its router returns probabilities, not logits, and has no expert-count attributes"
+_LLAMA4 = "its router returns dense scores that multiply the experts' inputs, not (logits, weights, indices)"
+# The other MoE model_types of the pinned transformers (text parts of composite models included): refused, and why.
+UNSUPPORTED: dict[str, str] = {
+    **dict.fromkeys(["aria", "qwen3_vl_moe", "qwen3_vl_moe_text", "qwen3_omni_moe", "qwen3_omni_moe_text",
+                     "qwen3_omni_moe_thinker", "qwen3_omni_moe_talker_text", "glm4v_moe", "glm4v_moe_text",
+                     "glm5_next", "glm5_next_text", "hy_v4_vl", "hy_v4_vl_text", "mistral4", "mistral_large4",
+                     "mistral_large4_text", "deepseek_ocr2", "deepseek_ocr2_text", "unlimited_ocr",
+                     "unlimited_ocr_text", "step3p5", "step3p7", "muse_spark", "muse_spark_text", "ernie4_5_vl_moe",
+                     "ernie4_5_vl_moe_text", "diffusion_gemma", "diffusion_gemma_text", "inkling_mm_model"],
+                    _NO_CAUSAL_LM),
+    **dict.fromkeys(["minimax_m2", "hy_v3", "afmoe", "lfm2_moe"], _BIAS_ARGUMENT),
+    **dict.fromkeys(["minimax_m3_vl", "minimax_m3_vl_text"],
+                    "its MoE block applies the scaling factor outside the router: not yet described by a rule"),
+    **dict.fromkeys(["inkling2", "inkling2_text", "inkling2_loop", "inkling2_loop_text"], _SCORE),
+    "inkling_text": _FOUR,
+    **dict.fromkeys(["gemma4", "gemma4_text"], _GEMMA4),
+    **dict.fromkeys(["llama4", "llama4_text"], _LLAMA4),
+    "laguna": "its router soft-caps the logits and its MoE block applies the scaling factor: not yet described",
+    "deepseek_v4": "hash-routed layers (experts chosen by token id) and a sqrt-softplus score: not yet described",
+    "zaya": "its router returns four values and has a skip-expert class",
+    "kolibri1": "its bias is added to the logits before the sigmoid: not yet described by a rule",
+    "ernie4_5_moe": "its weights are renormalised with a clamped sum: not yet described by a rule",
+    "longcat_flash": "zero-compute experts widen the router beyond its real experts",
+    "cohere2_moe": "its expert_selection_fn setting (softmax or sigmoid) is not yet described by a rule",
+    "phimoe": "sparsemixer routing (always two experts, chosen with jitter masks): no top-k rule",
+    "dbrx": "its router returns logits only; the MoE block chooses experts itself",
+    "doge": "routing is computed inside the MoE block, with no router module to hook",
+    "jetmoe": "its router returns five values and also routes the attention experts",
+    "openai_privacy_filter": "a bidirectional encoder, not a causal language model",
+    "switch_transformers": "an encoder-decoder model",
+    "nllb-moe": "an encoder-decoder model",
+}
+
+
+def families_table() -> str:
+    """The Markdown table of supported MoE families and their rules (the README's, generated)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, rule in sorted(RULES.items()):
+        groups.setdefault(dataclasses.astuple(replace(rule, router="")), []).append(name)
+    lines = ["| families (model_type) | weights from | renormalised over the chosen | selection bias | scale | dtype |",
+             "|---|---|---|---|---|---|"]
+    for key, names in sorted(groups.items(), key=lambda item: item[1][0]):
+        rule = Rule(*key)
+        source = f"{rule.score} over the chosen logits" if rule.over == "chosen" else f"{rule.score} over all experts"
+        renormalize = {True: "always", False: "never"}.get(rule.renormalize, f"iff `{rule.renormalize}`")
+        if rule.over == "chosen":
+            renormalize = "by construction"
+        lines.append(f"| {', '.join(names)} | {source} | {renormalize} | {rule.bias and f'`{rule.bias}`' or '—'} "
+                     f"| {rule.scale and f'`{rule.scale}`' or '—'} | {'float32' if rule.float32 else 'the logits'} |")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -86,28 +192,39 @@ class RoutingConfig:
 class Router:
     name: str  # module path, e.g. model.layers.0.mlp.gate
     module: torch.nn.Module
-    family: str  # the model_type, a key of ROUTER_CLASSES
+    family: str  # the model_type, a key of RULES
+    rule: Rule
     num_experts: int
     top_k: int
 
 
 def find_routers(model) -> list[Router]:
     """The MoE router modules of `model` in layer order; refuses dense and unsupported models."""
-    model_type = getattr(model.config, "model_type", type(model).__name__)
-    router_class = ROUTER_CLASSES.get(model_type)
+    model_type = family(model)
+    rule = RULES.get(model_type)
     routers = [
-        Router(name, module, model_type, module.num_experts, module.top_k)
+        Router(name, module, model_type, rule, module.num_experts, module.top_k)
         for name, module in model.named_modules()
-        if type(module).__name__ == router_class
+        if rule is not None and type(module).__name__ == rule.router
     ]
     if routers:
         return routers
-    if router_class is None and _looks_moe(model):
-        raise MoekdError(
-            f"model type {model_type!r} is an MoE family moekd does not support "
-            f"(supported: {', '.join(ROUTER_CLASSES)})"
-        )
+    if model_type in UNSUPPORTED:
+        raise MoekdError(f"model type {model_type!r} is an MoE family moekd does not support: "
+                         f"{UNSUPPORTED[model_type]}")
+    if rule is None and _looks_moe(model):
+        raise MoekdError(f"model type {model_type!r} is an MoE family moekd does not know "
+                         f"({len(RULES)} supported: see the README's table)")
     raise MoekdError(f"model type {model_type!r} is a dense model; KA/SAR need an MoE teacher")
+
+
+def family(model) -> str:
+    """The model's family: its config's model_type, or its text model's where the config composes several
+    (e.g. Qwen3.5-MoE's `qwen3_5_moe_text`)."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    known = RULES.keys() | UNSUPPORTED.keys()
+    return text.model_type if config.model_type not in known and text.model_type in known else config.model_type
 
 
 def _looks_moe(model) -> bool:
@@ -117,49 +234,48 @@ def _looks_moe(model) -> bool:
     )
 
 
+def _flag(module, setting: bool | str) -> bool:
+    return setting if isinstance(setting, bool) else bool(getattr(module, setting))
+
+
 def family_weights(router: Router, logits: torch.Tensor, indices: torch.Tensor, keep=None) -> torch.Tensor:
-    """Mixing weights of the chosen `indices` (N, w) by the family's own rule.
+    """Mixing weights of the chosen `indices` (N, w) by the family's own rule (`Rule`).
 
     `keep` (N, w) marks real choices; False slots get weight 0 and are left out
     of any normalisation (top_p pads its variable-size sets this way).
     """
-    module = router.module
-    if router.family == "gpt_oss":  # softmax over the chosen logits
+    rule, module = router.rule, router.module
+    if rule.over == "chosen":  # softmax over the chosen logits: normalised by construction
         chosen = logits.gather(1, indices)
         if keep is not None:
             chosen = chosen.masked_fill(~keep, float("-inf"))
-        return F.softmax(chosen, dim=1, dtype=chosen.dtype)
-    if router.family == "deepseek_v3":  # sigmoid scores without the bias, scaled
-        weights = _masked(logits.sigmoid().gather(1, indices), keep)
-        if module.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * module.routed_scaling_factor
-    if router.family == "mixtral":  # softmax over all, renormalised over the chosen
-        weights = _masked(F.softmax(logits.float(), dim=-1).gather(1, indices), keep)
-        return weights / weights.sum(dim=-1, keepdim=True)
-    # qwen2_moe, qwen3_moe, olmoe: softmax over all, renormalised iff norm_topk_prob
-    weights = _masked(F.softmax(logits, dim=-1, dtype=torch.float).gather(1, indices), keep)
-    if module.norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(logits.dtype)
-
-
-def _masked(weights: torch.Tensor, keep) -> torch.Tensor:
-    return weights if keep is None else weights.masked_fill(~keep, 0.0)
+        weights = F.softmax(chosen, dim=1, dtype=chosen.dtype)
+    else:
+        scores = logits.sigmoid() if rule.score == "sigmoid" else F.softmax(logits, dim=-1, dtype=torch.float)
+        weights = scores.gather(1, indices)
+        if keep is not None:
+            weights = weights.masked_fill(~keep, 0.0)
+        if _flag(module, rule.renormalize):
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + rule.epsilon)
+    if rule.scale is not None:
+        weights = weights * getattr(module, rule.scale)
+    return weights if rule.float32 else weights.to(logits.dtype)
 
 
 def top_experts(router: Router, logits: torch.Tensor, k: int) -> torch.Tensor:
-    """The `k` best experts per token by the family's selection score.
+    """The `k` best experts per token by the family's selection score (its score plus its selection bias).
 
-    DeepSeek-V3 ranks by sigmoid + e_score_correction_bias over all experts:
-    its group restriction is defined for its own k only, so it is not applied.
+    Expert groups are not applied: a group limit is defined for the family's own k only.
     """
-    if router.family == "gpt_oss":
+    rule = router.rule
+    if rule.over == "chosen":
         scores = logits
-    elif router.family == "deepseek_v3":
-        scores = logits.sigmoid() + router.module.e_score_correction_bias
+    elif rule.score == "sigmoid":
+        scores = logits.sigmoid()
     else:
         scores = F.softmax(logits, dim=-1, dtype=torch.float)
+    if rule.bias is not None:
+        scores = scores + getattr(router.module, rule.bias)
     return scores.topk(k, dim=-1).indices
 
 
@@ -346,3 +462,8 @@ def load_balancing_loss(
     tokens_per_expert = (chosen * real[:, None]).sum(dim=0)
     prob_per_expert = (probs * real[:, None]).sum(dim=0)
     return num_experts * (tokens_per_expert * prob_per_expert).sum()
+
+
+if __name__ == "__main__":  # python -m pipeline.routing: the README's table of families
+    print(families_table())
+    print(f"\n{len(RULES)} model types supported; {len(UNSUPPORTED)} refused with their reason.")

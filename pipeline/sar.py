@@ -7,20 +7,19 @@ adapted teacher with the train stage's loss (`training.Trainer`).
 
 Trainable: every parameter of each MoE layer's router module
 (`routing.find_routers`): its weight, and its bias where the family has one
-(GPT-OSS). None of the supported families has router noise weights (LLaMA-MoE's
-noisy gate is not a transformers family); a router module holding such
-parameters would train them too. Frozen: everything else, including
-- DeepSeek-V3's `e_score_correction_bias`, a buffer its pretraining moves by a
-  sign rule on the expert loads, not by gradients: it keeps its value;
+(GPT-OSS); a router module holding other parameters would train them too.
+Frozen: everything else, including
+- a selection bias (`Rule.bias`, DeepSeek-V3's `e_score_correction_bias` and
+  its kin's), a buffer their pretraining moves by a sign rule on the expert
+  loads, not by gradients: it keeps its value;
 - Qwen2-MoE's `shared_expert_gate`, the sigmoid gate of the always-active
   shared expert: part of that expert, not a choice between experts.
 
 L_balance is `routing.load_balancing_loss` (the Switch-Transformer loss that
-transformers uses for Mixtral, Qwen2/3-MoE, OLMoE and GPT-OSS) over every
-layer's router logits with the router's own k. DeepSeek-V3 has no auxiliary
-loss (it balances with the frozen bias above); it gets the same loss, over
-softmax(router logits), whose top-k are those of its sigmoid scores without the
-bias. β = 0 turns L_balance off for every family.
+transformers uses for Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and others) over
+every layer's router logits with the router's own k, for every family:
+families that balance with a selection bias instead get the same loss, over
+softmax(router logits). β = 0 turns L_balance off for every family.
 
 The adapted routers are written with `pipeline.routers.save_routers`.
 """

@@ -54,3 +54,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def texts() -> list[str]:
+    """Instruction records as plain text, for forwards of the tiny teachers."""
+    return [
+        f"{r['instruction']}\n{r['context']}\n{r['response']}" for r in fixtures.instruction_records(48, seed=3)
+    ]
+
+
+@pytest.fixture(scope="session")
+def encode(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def encode(batch_texts):
+        """Right-padded (input_ids, attention_mask) of real instruction text."""
+        rows = [tokenizer(t)["input_ids"] for t in batch_texts]
+        length = max(map(len, rows))
+        ids = torch.tensor([r + [tokenizer.pad_token_id] * (length - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
+        return ids, mask
+
+    return encode

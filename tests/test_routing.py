@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import fixtures
@@ -30,28 +30,6 @@ def reload_with_k(moe_dir, family, k):
     model = load(moe_dir, family)
     groups = {"topk_group": model.config.n_group} if family == "deepseek_v3" else {}
     return load(moe_dir, family, num_experts_per_tok=k, **groups)
-
-
-@pytest.fixture(scope="module")
-def texts():
-    return [
-        f"{r['instruction']}\n{r['context']}\n{r['response']}" for r in fixtures.instruction_records(48, seed=3)
-    ]
-
-
-@pytest.fixture(scope="module")
-def encode(tokenizer_dir):
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-
-    def encode(batch_texts):
-        """Right-padded (input_ids, attention_mask) of real instruction text."""
-        rows = [tokenizer(t)["input_ids"] for t in batch_texts]
-        length = max(map(len, rows))
-        ids = torch.tensor([r + [tokenizer.pad_token_id] * (length - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
-        return ids, mask
-
-    return encode
 
 
 @contextlib.contextmanager
@@ -284,13 +262,13 @@ def test_dense_model_is_refused(student_dir):
         assert plain.routers == []
 
 
-def test_unsupported_moe_family_is_refused():
-    granite = AutoConfig.for_model(
-        "granitemoe", vocab_size=fixtures.VOCAB_SIZE, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
+def test_unsupported_moe_family_is_refused_with_its_reason():
+    phimoe = AutoConfig.for_model(
+        "phimoe", vocab_size=fixtures.VOCAB_SIZE, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
     )
-    with pytest.raises(MoekdError, match="'granitemoe' is an MoE family moekd does not support"):
-        find_routers(AutoModelForCausalLM.from_config(granite))
+    with pytest.raises(MoekdError, match="'phimoe' is an MoE family moekd does not support: sparsemixer"):
+        find_routers(AutoModelForCausalLM.from_config(phimoe))
 
 
 @pytest.mark.parametrize(

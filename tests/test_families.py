@@ -1,0 +1,134 @@
+"""Conformance of every MoE family in `routing.RULES`, on a tiny random model of each built here.
+
+Per family: KA with λ = 0 (M = 1) is bit-identical to the unhooked model; `all` equals the model with
+k = E (and no group limit); KA with λ = 1 picks each expert with its inclusion probability under
+sampling k without replacement from softmax(router logits); SAR's router step changes the router
+parameters and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import family_configs
+import fixtures
+from pipeline.routing import RULES, UNSUPPORTED, RoutingConfig, RoutingHooks, families_table, find_routers
+from pipeline.sar import train_routers_only
+from test_routing import inclusion_probabilities
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
+
+
+def build(family: str, settings: dict, state: dict | None = None):
+    """A tiny random model of `family` (seeded; routers and selection biases given real spread), or
+    with `state`'s weights."""
+    config = AutoConfig.for_model(family, vocab_size=fixtures.VOCAB_SIZE, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2, **settings)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    if state is not None:
+        model.load_state_dict(state)
+        return model
+    routers = find_routers(model)
+    with torch.no_grad():
+        for weight in router_weights(routers):
+            torch.nn.init.normal_(weight, std=1.0)
+        for router in routers:  # choose with the bias, weigh without: the rule must tell them apart
+            if router.rule.bias is not None:
+                torch.nn.init.normal_(getattr(router.module, router.rule.bias), std=0.3)
+    return model
+
+
+@contextlib.contextmanager
+def routed(routers):
+    """Per forward and MoE layer, the (N, E) experts each token is routed to, as the hooks left them."""
+    calls = []
+
+    def grab(router, module, inputs, output):
+        _, weights, indices = output
+        used = torch.zeros(indices.shape[0], router.num_experts).scatter_add_(1, indices, (weights > 0).float())
+        calls.append(used > 0)
+
+    # Registered after RoutingHooks' own hook, so it sees the rewritten routing.
+    handles = [r.module.register_forward_hook(partial(grab, r)) for r in routers]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def router_weights(routers):
+    return [p for r in routers for name, p in r.module.named_parameters() if name.endswith("weight")]
+
+
+def test_every_family_has_a_tiny_config_and_is_either_supported_or_refused():
+    assert set(family_configs.CONFIGS) == set(RULES)
+    assert not set(RULES) & set(UNSUPPORTED)
+
+
+@pytest.mark.parametrize("family", sorted(RULES))
+def test_family_conformance(family, encode, texts):
+    model = build(family, family_configs.CONFIGS[family])
+    routers = find_routers(model)
+    num_experts, top_k = routers[0].num_experts, routers[0].top_k
+    assert top_k == 2 and len({(r.num_experts, r.top_k) for r in routers}) == 1
+    ids, mask = encode(texts[:4])
+    forward = lambda m: m(input_ids=ids, attention_mask=mask).logits  # noqa: E731
+    with torch.no_grad():
+        expected = forward(model)
+        with RoutingHooks(model, RoutingConfig(mode="ka", lam=0.0)) as routing, routing.sequences(
+                [0, 1, 2, 3], 0, mask):
+            assert torch.equal(forward(model), expected)
+        with RoutingHooks(model, RoutingConfig(mode="all")), routed(routers) as calls:
+            every = forward(model)
+        reference = build(family, family_configs.with_k(family, num_experts), model.state_dict())
+        torch.testing.assert_close(every, forward(reference), rtol=1e-5, atol=1e-5)
+        assert len(calls) == len(routers) and all(used.all() for used in calls)
+        assert not torch.allclose(every, expected, atol=1e-4)
+
+    # KA, λ = 1, flatter routers so that every expert is drawn: inclusion frequencies per expert.
+    with torch.no_grad():
+        for weight in router_weights(routers):
+            weight.mul_(0.2)
+    ids, mask = encode(texts[:16])
+    real = mask.reshape(-1).bool()
+    observed = torch.zeros(len(routers), num_experts, dtype=torch.float64)
+    expected_counts, variance = torch.zeros_like(observed), torch.zeros_like(observed)
+    with torch.no_grad(), RoutingHooks(model, RoutingConfig(mode="ka", lam=1.0, samples=4, seed=3)) as routing:
+        routing.record_logits = True
+        for sample in range(4):
+            with routing.sequences(list(range(16)), sample, mask), routed(routers) as calls:
+                model(input_ids=ids, attention_mask=mask)
+            assert len(calls) == len(routing.router_logits) == len(routers)
+            for layer, (used, logits) in enumerate(zip(calls, routing.router_logits)):
+                incl = inclusion_probabilities(F.softmax(logits.double(), dim=-1)[real], top_k)
+                observed[layer] += used[real].sum(0)
+                expected_counts[layer] += incl.sum(0)
+                variance[layer] += (incl * (1 - incl)).sum(0)
+    z = (observed - expected_counts) / variance.sqrt()
+    assert z.abs().max() < 5.0, z  # ≈ 600 tests over all families: two-sided α ≈ 6e-7 each
+
+    # SAR's router step: only the routers' parameters move, and all of them.
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainable = train_routers_only(model, routers)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    with RoutingHooks(model, RoutingConfig(mode="all")):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    optimizer.step()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p.detach().float(), before[name])}
+    router_params = {f"{r.name}.{name}" for r in routers for name, _ in r.module.named_parameters()}
+    assert changed == router_params == set(trainable)
+
+
+def test_the_readme_lists_the_supported_families_as_the_table_says():
+    readme = (fixtures.REPO / "README.md").read_text()
+    assert families_table() in readme
+    assert f"{len(RULES)} model types" in readme and f"other {len(UNSUPPORTED)} MoE model types" in readme
