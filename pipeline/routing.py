@@ -63,7 +63,9 @@ class Rule:
     over: Literal["all", "chosen"] = "all"  # softmax over all experts then gathered, or over the chosen logits
     renormalize: bool | str = True  # over the chosen experts: always, never, or iff this router attribute is true
     epsilon: float = 0.0  # added to the renormalising sum
-    bias: str | None = None  # router attribute added to the score to choose experts (not to weigh them)
+    # added to the score to choose experts (not to weigh them): a router attribute, or (int) the index of
+    # the router's forward argument that carries it (a bias the MoE block holds)
+    bias: str | int | None = None
     scale: str | None = None  # router attribute the weights are multiplied by
     float32: bool = False  # weights stay float32 (else: cast back to the logits' dtype)
 
@@ -102,11 +104,16 @@ RULES: dict[str, Rule] = {
              hy_v4="HYV4TopkRouter", nemotron_h="NemotronHTopkRouter"),
     **_rules(replace(_DEEPSEEK_V3, scale=None), beam="BeamTopKRouter"),  # its MoE block applies the scale
     **_rules(replace(_DEEPSEEK_V3, epsilon=0.0, bias=None, scale=None), flint="FlintTopKRouter"),
+    # the bias lives on the MoE block, which passes it to the router
+    **_rules(replace(_DEEPSEEK_V3, renormalize=True, epsilon=0.0, bias=1, scale=None),
+             minimax_m2="MiniMaxM2TopKRouter"),
+    **_rules(replace(_DEEPSEEK_V3, renormalize=True, bias=1, scale="router_scaling_factor"), hy_v3="HYV3TopKRouter"),
+    **_rules(replace(_DEEPSEEK_V3, renormalize=True, bias=1, scale="route_scale"), afmoe="AfmoeTokenChoiceRouter"),
+    **_rules(replace(_DEEPSEEK_V3, epsilon=1e-6, bias=1, float32=False), lfm2_moe="Lfm2MoeTopKRouter"),
 }
 
 _NO_CAUSAL_LM = ("AutoModelForCausalLM does not load it (a multimodal model, or a text model without a "
                  "causal-LM class); moekd loads teachers with AutoModelForCausalLM")
-_BIAS_ARGUMENT = "its MoE block passes the selection bias to the router as an argument: not yet described by a rule"
 _SCORE = "its score function is configurable and not yet described by a rule"
 _FOUR = "its router returns four values and weighs shared experts with the routed ones"
 _GEMMA4 = "its router returns probabilities, not logits, and has no expert-count attributes"
@@ -120,7 +127,6 @@ UNSUPPORTED: dict[str, str] = {
                      "unlimited_ocr_text", "step3p5", "step3p7", "muse_spark", "muse_spark_text", "ernie4_5_vl_moe",
                      "ernie4_5_vl_moe_text", "diffusion_gemma", "diffusion_gemma_text", "inkling_mm_model"],
                     _NO_CAUSAL_LM),
-    **dict.fromkeys(["minimax_m2", "hy_v3", "afmoe", "lfm2_moe"], _BIAS_ARGUMENT),
     **dict.fromkeys(["minimax_m3_vl", "minimax_m3_vl_text"],
                     "its MoE block applies the scaling factor outside the router: not yet described by a rule"),
     **dict.fromkeys(["inkling2", "inkling2_text", "inkling2_loop", "inkling2_loop_text"], _SCORE),
@@ -157,7 +163,9 @@ def families_table() -> str:
         renormalize = {True: "always", False: "never"}.get(rule.renormalize, f"iff `{rule.renormalize}`")
         if rule.over == "chosen":
             renormalize = "by construction"
-        lines.append(f"| {', '.join(names)} | {source} | {renormalize} | {rule.bias and f'`{rule.bias}`' or '—'} "
+        bias = {None: "—"}.get(rule.bias, f"forward argument {rule.bias}" if isinstance(rule.bias, int)
+                                else f"`{rule.bias}`")
+        lines.append(f"| {', '.join(names)} | {source} | {renormalize} | {bias} "
                      f"| {rule.scale and f'`{rule.scale}`' or '—'} | {'float32' if rule.float32 else 'the logits'} |")
     return "\n".join(lines)
 
@@ -251,7 +259,7 @@ def family_weights(router: Router, logits: torch.Tensor, indices: torch.Tensor, 
             chosen = chosen.masked_fill(~keep, float("-inf"))
         weights = F.softmax(chosen, dim=1, dtype=chosen.dtype)
     else:
-        scores = logits.sigmoid() if rule.score == "sigmoid" else F.softmax(logits, dim=-1, dtype=torch.float)
+        scores = logits.float().sigmoid() if rule.score == "sigmoid" else F.softmax(logits, dim=-1, dtype=torch.float)
         weights = scores.gather(1, indices)
         if keep is not None:
             weights = weights.masked_fill(~keep, 0.0)
@@ -262,8 +270,17 @@ def family_weights(router: Router, logits: torch.Tensor, indices: torch.Tensor, 
     return weights if rule.float32 else weights.to(logits.dtype)
 
 
-def top_experts(router: Router, logits: torch.Tensor, k: int) -> torch.Tensor:
-    """The `k` best experts per token by the family's selection score (its score plus its selection bias).
+def selection_bias(router: Router, inputs: tuple) -> torch.Tensor | None:
+    """What the family adds to its score to choose experts, from the router or its forward's `inputs`."""
+    bias = router.rule.bias
+    if isinstance(bias, int):
+        return inputs[bias] if len(inputs) > bias else None
+    return None if bias is None else getattr(router.module, bias)
+
+
+def top_experts(router: Router, logits: torch.Tensor, k: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The `k` best experts per token by the family's selection score: its score plus `bias`
+    (`selection_bias`).
 
     Expert groups are not applied: a group limit is defined for the family's own k only.
     """
@@ -271,11 +288,11 @@ def top_experts(router: Router, logits: torch.Tensor, k: int) -> torch.Tensor:
     if rule.over == "chosen":
         scores = logits
     elif rule.score == "sigmoid":
-        scores = logits.sigmoid()
+        scores = logits.float().sigmoid()
     else:
         scores = F.softmax(logits, dim=-1, dtype=torch.float)
-    if rule.bias is not None:
-        scores = scores + getattr(router.module, rule.bias)
+    if bias is not None:
+        scores = scores + bias
     return scores.topk(k, dim=-1).indices
 
 
@@ -325,6 +342,7 @@ class RoutingHooks:
                 )
         self.record_logits = False
         self.router_logits: list[torch.Tensor] = []
+        self.selection_biases: list[torch.Tensor | None] = [None] * len(self.routers)  # of the last forward
         self._draws = None  # per layer: (flat token rows to sample, their Gumbel noise)
         self._real = None  # (B*L,) bool, real tokens of the batch in `sequences`
         self._num_tokens = None  # B*L of that batch
@@ -392,6 +410,7 @@ class RoutingHooks:
                 f"sequences() was given a mask of {self._num_tokens} tokens, the forward has {logits.shape[0]}"
             )
         mode = self.config.mode
+        self.selection_biases[layer] = selection_bias(router, inputs)
         if mode == "ka":
             weights, indices = self._ka(layer, router, logits, weights, indices)
         elif mode == "all":
@@ -414,7 +433,7 @@ class RoutingHooks:
         rows, noise = self._draws[layer]
         k_s = self.config.k_s or router.top_k
         if k_s != router.top_k:
-            indices = top_experts(router, logits, k_s)
+            indices = top_experts(router, logits, k_s, self.selection_biases[layer])
             weights = family_weights(router, logits, indices)
         if rows.numel() == 0:
             return weights, indices

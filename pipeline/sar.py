@@ -126,7 +126,8 @@ def checkpoint_teacher_layers(teacher: nn.Module) -> None:
 
 # ---------------------------------------------------------------- the router step
 
-def router_statistics(routers: list[Router], router_logits: list[Tensor], attention_mask: Tensor) -> Tensor:
+def router_statistics(routers: list[Router], router_logits: list[Tensor], biases: list[Tensor | None],
+                      attention_mask: Tensor) -> Tensor:
     """Per layer, summed over the real tokens: (L, 1 + 2E) = router entropy, top-k membership, probability.
 
     Entropy and probabilities are of softmax(router logits) for every family;
@@ -135,11 +136,11 @@ def router_statistics(routers: list[Router], router_logits: list[Tensor], attent
     """
     real = attention_mask.reshape(-1).bool()
     rows = []
-    for router, logits in zip(routers, router_logits):
+    for router, logits, bias in zip(routers, router_logits, biases):
         logits = logits.detach().float()[real.to(logits.device)]
         probs = F.softmax(logits, dim=-1)
         entropy = -(probs * F.log_softmax(logits, dim=-1)).sum()
-        chosen = F.one_hot(top_experts(router, logits, router.top_k), router.num_experts).sum(1).float()
+        chosen = F.one_hot(top_experts(router, logits, router.top_k, bias), router.num_experts).sum(1).float()
         rows.append(torch.cat([entropy[None], chosen.sum(0), probs.sum(0)]))
     return torch.stack(rows)
 
@@ -178,7 +179,8 @@ class RouterTrainer:
                     divergence = dense_divergence(q, p, self.divergence).sum()
                     logits = self.routing.router_logits  # read now: checkpointing's recompute replaces them
                     balance = load_balancing_loss(logits, self.routing.routers[0].top_k, batch.attention_mask)
-                stats.append(router_statistics(self.routing.routers, logits, batch.attention_mask))
+                stats.append(router_statistics(self.routing.routers, logits, self.routing.selection_biases,
+                                               batch.attention_mask))
                 loss = divergence / max(tokens, 1) + self.config.balance * balance / parts
                 loss.backward()  # inside `sequences`: recomputed layers route the same
             kl = dense_divergence(q, p.detach(), self.kl).sum()

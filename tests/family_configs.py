@@ -30,6 +30,36 @@ _DEEPSEEK = {
 }
 
 CONFIGS = {
+    "afmoe": {
+        **_BASE,
+        "head_dim": 16,
+        "moe_intermediate_size": 32,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "num_shared_experts": 1,
+        "num_dense_layers": 1,
+        "global_attn_every_n_layers": 2,
+        "sliding_window": 4,
+    },
+    "hy_v3": {
+        **_BASE,
+        "head_dim": 16,
+        "moe_intermediate_size": 32,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "num_shared_experts": 1,
+        "mlp_layer_types": ["dense", "sparse"],
+    },
+    "lfm2_moe": {
+        **_BASE,
+        "moe_intermediate_size": 32,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "num_dense_layers": 1,
+        "layer_types": ["conv", "full_attention"],
+        "use_expert_bias": True,
+    },
+    "minimax_m2": {**_BASE, "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2},
     "aria_text": {
         "hidden_size": 64,
         "intermediate_size": 32,

@@ -39,9 +39,11 @@ def build(family: str, settings: dict, state: dict | None = None):
     with torch.no_grad():
         for weight in router_weights(routers):
             torch.nn.init.normal_(weight, std=1.0)
-        for router in routers:  # choose with the bias, weigh without: the rule must tell them apart
-            if router.rule.bias is not None:
-                torch.nn.init.normal_(getattr(router.module, router.rule.bias), std=0.3)
+        # choose with the bias, weigh without: the rule must tell them apart (the bias is the router's or its
+        # MoE block's)
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
+                torch.nn.init.normal_(tensor, std=0.3)
     return model
 
 
@@ -131,4 +133,4 @@ def test_family_conformance(family, encode, texts):
 def test_the_readme_lists_the_supported_families_as_the_table_says():
     readme = (fixtures.REPO / "README.md").read_text()
     assert families_table() in readme
-    assert f"{len(RULES)} model types" in readme and f"other {len(UNSUPPORTED)} MoE model types" in readme
+    assert f"{len(RULES)} model types" in readme and f"The other {len(UNSUPPORTED)} MoE model" in readme
