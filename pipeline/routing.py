@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Iterator, Literal
@@ -67,7 +68,9 @@ class Rule:
     # the router's forward argument that carries it (a bias the MoE block holds)
     bias: str | int | None = None
     scale: str | None = None  # router attribute the weights are multiplied by
+    floor: str | None = None  # router attribute: the least the renormalising sum is divided by (a clamp)
     float32: bool = False  # weights stay float32 (else: cast back to the logits' dtype)
+    requires: tuple[tuple[str, object], ...] = ()  # config settings this rule holds for, (name, value)
 
 
 _MIXTRAL = Rule("", float32=True)
@@ -110,11 +113,17 @@ RULES: dict[str, Rule] = {
     **_rules(replace(_DEEPSEEK_V3, renormalize=True, bias=1, scale="router_scaling_factor"), hy_v3="HYV3TopKRouter"),
     **_rules(replace(_DEEPSEEK_V3, renormalize=True, bias=1, scale="route_scale"), afmoe="AfmoeTokenChoiceRouter"),
     **_rules(replace(_DEEPSEEK_V3, epsilon=1e-6, bias=1, float32=False), lfm2_moe="Lfm2MoeTopKRouter"),
+    **_rules(replace(_DEEPSEEK_V3, renormalize=True, epsilon=0.0, scale=None),  # its MoE block scales the output
+             minimax_m3_vl_text="MiniMaxM3VLTopKRouter"),
+    **_rules(replace(_DEEPSEEK_V3, renormalize=True, requires=(("scoring_func", "sigmoid"),)),
+             inkling2_text="Inkling2TopKRouter"),
+    **_rules(replace(_CHOSEN, requires=(("expert_selection_fn", "softmax"),)), cohere2_moe="Cohere2MoeTopKRouter"),
+    **_rules(Rule("", floor="norm_min", bias="moe_statics.e_score_correction_bias"),
+             ernie4_5_moe="Ernie4_5_MoeTopKRouter"),
 }
 
 _NO_CAUSAL_LM = ("AutoModelForCausalLM does not load it (a multimodal model, or a text model without a "
                  "causal-LM class); moekd loads teachers with AutoModelForCausalLM")
-_SCORE = "its score function is configurable and not yet described by a rule"
 _FOUR = "its router returns four values and weighs shared experts with the routed ones"
 _GEMMA4 = "its router returns probabilities, not logits, and has no expert-count attributes"
 _LLAMA4 = "its router returns dense scores that multiply the experts' inputs, not (logits, weights, indices)"
@@ -127,19 +136,16 @@ UNSUPPORTED: dict[str, str] = {
                      "unlimited_ocr_text", "step3p5", "step3p7", "muse_spark", "muse_spark_text", "ernie4_5_vl_moe",
                      "ernie4_5_vl_moe_text", "diffusion_gemma", "diffusion_gemma_text", "inkling_mm_model"],
                     _NO_CAUSAL_LM),
-    **dict.fromkeys(["minimax_m3_vl", "minimax_m3_vl_text"],
-                    "its MoE block applies the scaling factor outside the router: not yet described by a rule"),
-    **dict.fromkeys(["inkling2", "inkling2_text", "inkling2_loop", "inkling2_loop_text"], _SCORE),
     "inkling_text": _FOUR,
     **dict.fromkeys(["gemma4", "gemma4_text"], _GEMMA4),
     **dict.fromkeys(["llama4", "llama4_text"], _LLAMA4),
+    **dict.fromkeys(["inkling2_loop", "inkling2_loop_text"], "its looped block calls each router several times "
+                    "per forward; routing hooks take one call per router and forward"),
     "laguna": "its router soft-caps the logits and its MoE block applies the scaling factor: not yet described",
     "deepseek_v4": "hash-routed layers (experts chosen by token id) and a sqrt-softplus score: not yet described",
     "zaya": "its router returns four values and has a skip-expert class",
     "kolibri1": "its bias is added to the logits before the sigmoid: not yet described by a rule",
-    "ernie4_5_moe": "its weights are renormalised with a clamped sum: not yet described by a rule",
     "longcat_flash": "zero-compute experts widen the router beyond its real experts",
-    "cohere2_moe": "its expert_selection_fn setting (softmax or sigmoid) is not yet described by a rule",
     "phimoe": "sparsemixer routing (always two experts, chosen with jitter masks): no top-k rule",
     "dbrx": "its router returns logits only; the MoE block chooses experts itself",
     "doge": "routing is computed inside the MoE block, with no router module to hook",
@@ -163,9 +169,12 @@ def families_table() -> str:
         renormalize = {True: "always", False: "never"}.get(rule.renormalize, f"iff `{rule.renormalize}`")
         if rule.over == "chosen":
             renormalize = "by construction"
+        if rule.floor is not None:
+            renormalize += f" (the sum at least `{rule.floor}`)"
+        settings = "".join(f" ({name} = {value})" for name, value in rule.requires)
         bias = {None: "—"}.get(rule.bias, f"forward argument {rule.bias}" if isinstance(rule.bias, int)
                                 else f"`{rule.bias}`")
-        lines.append(f"| {', '.join(names)} | {source} | {renormalize} | {bias} "
+        lines.append(f"| {', '.join(names)}{settings} | {source} | {renormalize} | {bias} "
                      f"| {rule.scale and f'`{rule.scale}`' or '—'} | {'float32' if rule.float32 else 'the logits'} |")
     return "\n".join(lines)
 
@@ -216,6 +225,11 @@ def find_routers(model) -> list[Router]:
         if rule is not None and type(module).__name__ == rule.router
     ]
     if routers:
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        for name, value in rule.requires:
+            if getattr(text, name, value) != value:
+                raise MoekdError(f"model type {model_type!r} with {name}={getattr(text, name)!r} is not supported: "
+                                 f"moekd describes its routing with {name}={value!r} only")
         return routers
     if model_type in UNSUPPORTED:
         raise MoekdError(f"model type {model_type!r} is an MoE family moekd does not support: "
@@ -264,7 +278,10 @@ def family_weights(router: Router, logits: torch.Tensor, indices: torch.Tensor, 
         if keep is not None:
             weights = weights.masked_fill(~keep, 0.0)
         if _flag(module, rule.renormalize):
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + rule.epsilon)
+            total = weights.sum(dim=-1, keepdim=True)
+            if rule.floor is not None:
+                total = total.clamp(min=getattr(module, rule.floor))
+            weights = weights / (total + rule.epsilon)
     if rule.scale is not None:
         weights = weights * getattr(module, rule.scale)
     return weights if rule.float32 else weights.to(logits.dtype)
@@ -275,7 +292,7 @@ def selection_bias(router: Router, inputs: tuple) -> torch.Tensor | None:
     bias = router.rule.bias
     if isinstance(bias, int):
         return inputs[bias] if len(inputs) > bias else None
-    return None if bias is None else getattr(router.module, bias)
+    return None if bias is None else operator.attrgetter(bias)(router.module).squeeze()
 
 
 def top_experts(router: Router, logits: torch.Tensor, k: int, bias: torch.Tensor | None) -> torch.Tensor:

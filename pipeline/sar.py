@@ -27,6 +27,7 @@ The adapted routers are written with `pipeline.routers.save_routers`.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -99,6 +100,8 @@ def train_routers_only(teacher: nn.Module, routers: list[Router]) -> dict[str, n
     teacher.requires_grad_(False)
     for router in routers:
         router.module.requires_grad_(True)
+        if isinstance(router.rule.bias, str):  # a selection bias is frozen even where it is a Parameter (ERNIE)
+            operator.attrgetter(router.rule.bias)(router.module).requires_grad_(False)
     trainable = {name: p for name, p in teacher.named_parameters() if p.requires_grad}
     if not trainable:
         names = ", ".join(r.name for r in routers[:2])
