@@ -67,10 +67,13 @@ class Rule:
     # added to the score to choose experts (not to weigh them): a router attribute, or (int) the index of
     # the router's forward argument that carries it (a bias the MoE block holds)
     bias: str | int | None = None
-    scale: str | None = None  # router attribute the weights are multiplied by
+    scale: str | None = None  # router attribute the weights are multiplied by (one factor, or one per expert)
     floor: str | None = None  # router attribute: the least the renormalising sum is divided by (a clamp)
     float32: bool = False  # weights stay float32 (else: cast back to the logits' dtype)
     requires: tuple[tuple[str, object], ...] = ()  # config settings this rule holds for, (name, value)
+    returns: Literal["logits", "probabilities"] = "logits"  # the first of the router's outputs
+    experts: str = "num_experts"  # router attributes (dotted paths) holding its expert count and its k
+    top_k: str = "top_k"
 
 
 _MIXTRAL = Rule("", float32=True)
@@ -120,12 +123,13 @@ RULES: dict[str, Rule] = {
     **_rules(replace(_CHOSEN, requires=(("expert_selection_fn", "softmax"),)), cohere2_moe="Cohere2MoeTopKRouter"),
     **_rules(Rule("", floor="norm_min", bias="moe_statics.e_score_correction_bias"),
              ernie4_5_moe="Ernie4_5_MoeTopKRouter"),
+    **_rules(Rule("", scale="per_expert_scale", float32=True, returns="probabilities", experts="config.num_experts",
+                  top_k="config.top_k_experts"), gemma4_text="Gemma4TextRouter"),
 }
 
 _NO_CAUSAL_LM = ("AutoModelForCausalLM does not load it (a multimodal model, or a text model without a "
                  "causal-LM class); moekd loads teachers with AutoModelForCausalLM")
 _FOUR = "its router returns four values and weighs shared experts with the routed ones"
-_GEMMA4 = "its router returns probabilities, not logits, and has no expert-count attributes"
 _LLAMA4 = "its router returns dense scores that multiply the experts' inputs, not (logits, weights, indices)"
 # The other MoE model_types of the pinned transformers (text parts of composite models included): refused, and why.
 UNSUPPORTED: dict[str, str] = {
@@ -137,7 +141,6 @@ UNSUPPORTED: dict[str, str] = {
                      "ernie4_5_vl_moe_text", "diffusion_gemma", "diffusion_gemma_text", "inkling_mm_model"],
                     _NO_CAUSAL_LM),
     "inkling_text": _FOUR,
-    **dict.fromkeys(["gemma4", "gemma4_text"], _GEMMA4),
     **dict.fromkeys(["llama4", "llama4_text"], _LLAMA4),
     **dict.fromkeys(["inkling2_loop", "inkling2_loop_text"], "its looped block calls each router several times "
                     "per forward; routing hooks take one call per router and forward"),
@@ -172,6 +175,8 @@ def families_table() -> str:
         if rule.floor is not None:
             renormalize += f" (the sum at least `{rule.floor}`)"
         settings = "".join(f" ({name} = {value})" for name, value in rule.requires)
+        if rule.returns != "logits":
+            settings += f" (its router returns {rule.returns})"
         bias = {None: "—"}.get(rule.bias, f"forward argument {rule.bias}" if isinstance(rule.bias, int)
                                 else f"`{rule.bias}`")
         lines.append(f"| {', '.join(names)}{settings} | {source} | {renormalize} | {bias} "
@@ -220,7 +225,8 @@ def find_routers(model) -> list[Router]:
     model_type = family(model)
     rule = RULES.get(model_type)
     routers = [
-        Router(name, module, model_type, rule, module.num_experts, module.top_k)
+        Router(name, module, model_type, rule, operator.attrgetter(rule.experts)(module),
+               operator.attrgetter(rule.top_k)(module))
         for name, module in model.named_modules()
         if rule is not None and type(module).__name__ == rule.router
     ]
@@ -282,8 +288,9 @@ def family_weights(router: Router, logits: torch.Tensor, indices: torch.Tensor, 
             if rule.floor is not None:
                 total = total.clamp(min=getattr(module, rule.floor))
             weights = weights / (total + rule.epsilon)
-    if rule.scale is not None:
-        weights = weights * getattr(module, rule.scale)
+    if rule.scale is not None:  # one factor, or one per expert
+        scale = getattr(module, rule.scale)
+        weights = weights * (scale[indices] if torch.is_tensor(scale) and scale.dim() == 1 else scale)
     return weights if rule.float32 else weights.to(logits.dtype)
 
 
@@ -420,8 +427,10 @@ class RoutingHooks:
         return [(torch.cat(r).to(device), torch.cat(n).to(device)) for r, n in zip(rows, noise)]
 
     def _hook(self, layer: int, module, inputs, output):
-        logits, weights, indices = output
+        first, weights, indices = output
         router = self.routers[layer]
+        # Every rule works on logits; log-probabilities are logits of the same softmax.
+        logits = first.log() if router.rule.returns == "probabilities" else first
         if self._num_tokens is not None and logits.shape[0] != self._num_tokens:
             raise RuntimeError(
                 f"sequences() was given a mask of {self._num_tokens} tokens, the forward has {logits.shape[0]}"
@@ -442,7 +451,7 @@ class RoutingHooks:
         if self.record_logits:
             self.router_logits.append(logits)
         self._chosen[layer] = indices.detach()
-        return logits, weights, indices
+        return first, weights, indices
 
     def _ka(self, layer: int, router: Router, logits, weights, indices):
         if self._draws is None:

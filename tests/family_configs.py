@@ -30,6 +30,20 @@ _DEEPSEEK = {
 }
 
 CONFIGS = {
+    "gemma4_text": {
+        **_BASE,
+        "head_dim": 16,
+        "moe_intermediate_size": 32,
+        "enable_moe_block": True,
+        "num_experts": 4,
+        "top_k_experts": 2,
+        "vocab_size_per_layer_input": 384,
+        "hidden_size_per_layer_input": 16,
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "per_layer_config": {},
+        "global_head_dim": 16,
+    },
     "cohere2_moe": {
         **_BASE,
         "head_dim": 16,
@@ -450,6 +464,7 @@ CONFIGS = {
 # The config key of the experts per token, where it is not `num_experts_per_tok`.
 K_KEYS = {
     "aria_text": "moe_topk",
+    "gemma4_text": "top_k_experts",
     "hunyuan_v1_moe": "moe_topk",
     "bailing_hybrid": "num_experts_per_token",
     "kimi_linear": "num_experts_per_token",
