@@ -72,6 +72,8 @@ class Rule:
     float32: bool = False  # weights stay float32 (else: cast back to the logits' dtype)
     requires: tuple[tuple[str, object], ...] = ()  # config settings this rule holds for, (name, value)
     returns: Literal["logits", "probabilities"] = "logits"  # the first of the router's outputs
+    # the router's outputs: (logits, weights, indices), or (dense (N, E) weights, zero where not chosen; logits)
+    outputs: Literal["chosen", "dense"] = "chosen"
     experts: str = "num_experts"  # router attributes (dotted paths) holding its expert count and its k
     top_k: str = "top_k"
 
@@ -125,12 +127,12 @@ RULES: dict[str, Rule] = {
              ernie4_5_moe="Ernie4_5_MoeTopKRouter"),
     **_rules(Rule("", scale="per_expert_scale", float32=True, returns="probabilities", experts="config.num_experts",
                   top_k="config.top_k_experts"), gemma4_text="Gemma4TextRouter"),
+    **_rules(Rule("", score="sigmoid", renormalize=False, outputs="dense"), llama4_text="Llama4Router"),
 }
 
 _NO_CAUSAL_LM = ("AutoModelForCausalLM does not load it (a multimodal model, or a text model without a "
                  "causal-LM class); moekd loads teachers with AutoModelForCausalLM")
 _FOUR = "its router returns four values and weighs shared experts with the routed ones"
-_LLAMA4 = "its router returns dense scores that multiply the experts' inputs, not (logits, weights, indices)"
 # The other MoE model_types of the pinned transformers (text parts of composite models included): refused, and why.
 UNSUPPORTED: dict[str, str] = {
     **dict.fromkeys(["aria", "qwen3_vl_moe", "qwen3_vl_moe_text", "qwen3_omni_moe", "qwen3_omni_moe_text",
@@ -141,7 +143,6 @@ UNSUPPORTED: dict[str, str] = {
                      "ernie4_5_vl_moe_text", "diffusion_gemma", "diffusion_gemma_text", "inkling_mm_model"],
                     _NO_CAUSAL_LM),
     "inkling_text": _FOUR,
-    **dict.fromkeys(["llama4", "llama4_text"], _LLAMA4),
     **dict.fromkeys(["inkling2_loop", "inkling2_loop_text"], "its looped block calls each router several times "
                     "per forward; routing hooks take one call per router and forward"),
     "laguna": "its router soft-caps the logits and its MoE block applies the scaling factor: not yet described",
@@ -177,6 +178,8 @@ def families_table() -> str:
         settings = "".join(f" ({name} = {value})" for name, value in rule.requires)
         if rule.returns != "logits":
             settings += f" (its router returns {rule.returns})"
+        if rule.outputs == "dense":
+            settings += " (its router returns dense weights)"
         bias = {None: "—"}.get(rule.bias, f"forward argument {rule.bias}" if isinstance(rule.bias, int)
                                 else f"`{rule.bias}`")
         lines.append(f"| {', '.join(names)}{settings} | {source} | {renormalize} | {bias} "
@@ -427,8 +430,12 @@ class RoutingHooks:
         return [(torch.cat(r).to(device), torch.cat(n).to(device)) for r, n in zip(rows, noise)]
 
     def _hook(self, layer: int, module, inputs, output):
-        first, weights, indices = output
         router = self.routers[layer]
+        if router.rule.outputs == "dense":  # the chosen experts are the nonzero weights
+            dense, first = output
+            weights, indices = dense.topk(router.top_k, dim=-1)
+        else:
+            first, weights, indices = output
         # Every rule works on logits; log-probabilities are logits of the same softmax.
         logits = first.log() if router.rule.returns == "probabilities" else first
         if self._num_tokens is not None and logits.shape[0] != self._num_tokens:
@@ -451,6 +458,8 @@ class RoutingHooks:
         if self.record_logits:
             self.router_logits.append(logits)
         self._chosen[layer] = indices.detach()
+        if router.rule.outputs == "dense":
+            return torch.zeros_like(dense).scatter_add(1, indices, weights.to(dense.dtype)), first
         return first, weights, indices
 
     def _ka(self, layer: int, router: Router, logits, weights, indices):

@@ -30,6 +30,15 @@ _DEEPSEEK = {
 }
 
 CONFIGS = {
+    "llama4_text": {
+        **_BASE,
+        "head_dim": 16,
+        "intermediate_size_mlp": 64,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "interleave_moe_layer_step": 1,
+        "attention_chunk_size": 8,
+    },
     "gemma4_text": {
         **_BASE,
         "head_dim": 16,
