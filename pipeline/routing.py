@@ -69,6 +69,7 @@ class Rule:
     bias: str | int | None = None
     scale: str | None = None  # router attribute the weights are multiplied by (one factor, or one per expert)
     floor: str | None = None  # router attribute: the least the renormalising sum is divided by (a clamp)
+    select_by: Literal["score", "logits"] = "score"  # what the bias is added to, to rank the experts
     float32: bool = False  # weights stay float32 (else: cast back to the logits' dtype)
     requires: tuple[tuple[str, object], ...] = ()  # config settings this rule holds for, (name, value)
     returns: Literal["logits", "probabilities"] = "logits"  # the first of the router's outputs
@@ -128,6 +129,13 @@ RULES: dict[str, Rule] = {
     **_rules(Rule("", scale="per_expert_scale", float32=True, returns="probabilities", experts="config.num_experts",
                   top_k="config.top_k_experts"), gemma4_text="Gemma4TextRouter"),
     **_rules(Rule("", score="sigmoid", renormalize=False, outputs="dense"), llama4_text="Llama4Router"),
+    # its router soft-caps the logits it returns; its MoE block scales the output
+    **_rules(replace(_DEEPSEEK_V3, renormalize=True, epsilon=0.0, scale=None, float32=False),
+             laguna="LagunaTopKRouter"),
+    **_rules(replace(_DEEPSEEK_V3, epsilon=0.0, scale=None, select_by="logits"), kolibri1="Kolibri1TopKRouter"),
+    # its zero-compute experts (identity outputs) are routed like the others: n_routed_experts counts them
+    **_rules(Rule("", renormalize=False, bias="e_score_correction_bias", scale="routed_scaling_factor",
+                  experts="n_routed_experts"), longcat_flash="LongcatFlashTopkRouter"),
 }
 
 _NO_CAUSAL_LM = ("AutoModelForCausalLM does not load it (a multimodal model, or a text model without a "
@@ -145,11 +153,8 @@ UNSUPPORTED: dict[str, str] = {
     "inkling_text": _FOUR,
     **dict.fromkeys(["inkling2_loop", "inkling2_loop_text"], "its looped block calls each router several times "
                     "per forward; routing hooks take one call per router and forward"),
-    "laguna": "its router soft-caps the logits and its MoE block applies the scaling factor: not yet described",
     "deepseek_v4": "hash-routed layers (experts chosen by token id) and a sqrt-softplus score: not yet described",
     "zaya": "its router returns four values and has a skip-expert class",
-    "kolibri1": "its bias is added to the logits before the sigmoid: not yet described by a rule",
-    "longcat_flash": "zero-compute experts widen the router beyond its real experts",
     "phimoe": "sparsemixer routing (always two experts, chosen with jitter masks): no top-k rule",
     "dbrx": "its router returns logits only; the MoE block chooses experts itself",
     "doge": "routing is computed inside the MoE block, with no router module to hook",
@@ -182,6 +187,8 @@ def families_table() -> str:
             settings += " (its router returns dense weights)"
         bias = {None: "—"}.get(rule.bias, f"forward argument {rule.bias}" if isinstance(rule.bias, int)
                                 else f"`{rule.bias}`")
+        if rule.bias is not None and rule.select_by == "logits":
+            bias += ", added to the logits"
         lines.append(f"| {', '.join(names)}{settings} | {source} | {renormalize} | {bias} "
                      f"| {rule.scale and f'`{rule.scale}`' or '—'} | {'float32' if rule.float32 else 'the logits'} |")
     return "\n".join(lines)
@@ -312,7 +319,7 @@ def top_experts(router: Router, logits: torch.Tensor, k: int, bias: torch.Tensor
     Expert groups are not applied: a group limit is defined for the family's own k only.
     """
     rule = router.rule
-    if rule.over == "chosen":
+    if rule.over == "chosen" or rule.select_by == "logits":
         scores = logits
     elif rule.score == "sigmoid":
         scores = logits.float().sigmoid()

@@ -30,6 +30,46 @@ _DEEPSEEK = {
 }
 
 CONFIGS = {
+    "laguna": {
+        **_BASE,
+        "head_dim": 16,
+        "moe_intermediate_size": 32,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "shared_expert_intermediate_size": 32,
+        "sliding_window": 4,
+        "mlp_layer_types": ["dense", "sparse"],
+        "layer_types": ["full_attention", "sliding_attention"],
+        "num_attention_heads_per_layer": [4, 4],
+        "moe_router_logit_softcapping": 3.0,
+    },
+    "kolibri1": {
+        **_BASE,
+        "head_dim": 16,
+        "moe_intermediate_size": 32,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "shared_expert_intermediate_size": 32,
+        "sliding_window": 4,
+    },
+    "longcat_flash": {
+        "hidden_size": 64,
+        "num_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "ffn_hidden_size": 64,
+        "expert_ffn_hidden_size": 32,
+        "n_routed_experts": 4,
+        "zero_expert_num": 2,
+        "moe_topk": 2,
+        "max_position_embeddings": 128,
+        "head_dim": 8,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+    },
     "llama4_text": {
         **_BASE,
         "head_dim": 16,
@@ -472,6 +512,7 @@ CONFIGS = {
 
 # The config key of the experts per token, where it is not `num_experts_per_tok`.
 K_KEYS = {
+    "longcat_flash": "moe_topk",
     "aria_text": "moe_topk",
     "gemma4_text": "top_k_experts",
     "hunyuan_v1_moe": "moe_topk",
