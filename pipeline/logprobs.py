@@ -3,8 +3,8 @@
 The one path every model's distribution takes: the teacher's when it is
 cached or run online, the student's in training, SAR's on both sides, and
 evaluation's. It applies what the model's own head does (the output
-embeddings, then the family's final-logit soft-capping, e.g. Gemma 2's
-`tanh(logits / cap) * cap`), in float32, and no temperature (the losses apply
+embeddings, then the family's logit scale and final-logit soft-capping, e.g.
+Gemma 2's `tanh(logits / cap) * cap`), in float32, and no temperature (the losses apply
 theirs). Callers project a bounded number of positions at a time
 (`CHUNK_TOKENS`), so no (batch, length, vocabulary) tensor is ever made.
 """
@@ -17,17 +17,30 @@ from torch import Tensor
 CHUNK_TOKENS = 1024  # positions projected to the vocabulary at once: bounds memory at CHUNK_TOKENS x vocab floats
 
 
+def decoder(model):
+    """The causal LM's decoder stack, without its head: `get_decoder()`, or the `model` attribute where
+    that finds none (Llama 4's causal LM names its base model otherwise)."""
+    stack = model.get_decoder()
+    return model.model if stack is model and hasattr(model, "model") else stack
+
+
 def target_hidden(model, input_ids: Tensor, attention_mask: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """The final hidden states (N, H) at positions (rows[j], cols[j]) of a right-padded batch."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return hidden.last_hidden_state[rows.to(input_ids.device), cols.to(input_ids.device)]
 
 
 def vocab_logits(model, hidden: Tensor) -> Tensor:
-    """Logits (at least float32) over the vocabulary for hidden states (n, H), soft-capped where the family does."""
+    """Logits (at least float32) over the vocabulary for hidden states (n, H), scaled and soft-capped where the
+    family's head does (Cohere's `logit_scale`, Granite's `logits_scaling`, Gemma 2's soft cap)."""
     logits = model.get_output_embeddings()(hidden)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    config = model.config
+    if getattr(config, "logit_scale", None):
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None):
+        logits = logits / config.logits_scaling
+    softcap = getattr(config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits

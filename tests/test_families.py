@@ -1,6 +1,6 @@
 """Conformance of every MoE family in `routing.RULES`, on a tiny random model of each built here.
 
-Per family: KA with λ = 0 (M = 1) is bit-identical to the unhooked model; `all` equals the model with
+Per family: stage one's hidden states to logits give the model's logits; KA with λ = 0 (M = 1) is bit-identical to the unhooked model; `all` equals the model with
 k = E (and no group limit); KA with λ = 1 picks each expert with its inclusion probability under
 sampling k without replacement from softmax(router logits); SAR's router step changes the router
 parameters and nothing else.
@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import family_configs
 import fixtures
+from pipeline.logprobs import target_hidden, vocab_logits
 from pipeline.routing import RULES, UNSUPPORTED, RoutingConfig, RoutingHooks, families_table, find_routers
 from pipeline.sar import train_routers_only
 from test_routing import inclusion_probabilities
@@ -88,6 +89,10 @@ def test_family_conformance(family, encode, texts):
     forward = lambda m: m(input_ids=ids, attention_mask=mask).logits  # noqa: E731
     with torch.no_grad():
         expected = forward(model)
+        # Stage one's path from the decoder's hidden states to logits gives the model's own logits.
+        rows, cols = mask.nonzero(as_tuple=True)
+        captured = vocab_logits(model, target_hidden(model, ids, mask, rows, cols))
+        torch.testing.assert_close(captured, expected[rows, cols], rtol=1e-5, atol=1e-5)
         with RoutingHooks(model, RoutingConfig(mode="ka", lam=0.0)) as routing, routing.sequences(
                 [0, 1, 2, 3], 0, mask):
             assert torch.equal(forward(model), expected)

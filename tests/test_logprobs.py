@@ -7,13 +7,13 @@ projected the hidden states without the cap would train, score and adapt against
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, Gemma2Config
+from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config
 
 import fixtures
 from pipeline.batch import collate_examples
 from pipeline.data import PreparedData
 from pipeline.evaluation import example_losses
-from pipeline.logprobs import target_logprobs
+from pipeline.logprobs import target_hidden, target_logprobs, vocab_logits
 from pipeline.losses import LossConfig
 from pipeline.training import StudentLoss
 from stages import prepare
@@ -76,3 +76,17 @@ def test_training_evaluation_and_sar_use_the_models_own_logits(gemma, batch):
     losses = example_losses(gemma, batch, batch_size=4)
     per_row = torch.zeros(len(batch)).index_add_(0, collated.rows, nll)
     assert [total for total, _ in losses] == pytest.approx(per_row.tolist(), rel=1e-5)
+
+
+@pytest.mark.parametrize("family, head", [("cohere", {"logit_scale": 0.3}), ("granite", {"logits_scaling": 4.0})])
+def test_a_family_scaling_its_logits_is_projected_as_its_head_does(family, head, batch):
+    config = AutoConfig.for_model(family, vocab_size=fixtures.VOCAB_SIZE, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, **head)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    collated = collate_examples(batch, 0)
+    with torch.no_grad():
+        hidden = target_hidden(model, collated.input_ids, collated.attention_mask, collated.rows, collated.cols)
+        got = F.log_softmax(vocab_logits(model, hidden), -1)
+    torch.testing.assert_close(got, model_logprobs(model, collated), rtol=1e-5, atol=1e-5)
