@@ -17,7 +17,8 @@ import pickle
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.config import config_hash
 from pipeline.errors import MoekdError, first_line
@@ -125,13 +126,27 @@ def load_model(
         raise MoekdError(f"{path} has no config.json; is it a transformers model directory?")
     resolved = resolve_device(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(dtype, resolved), device_map=resolved, local_files_only=True,
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=REMOTE_CODE.get())
+        model = causal_lm_class(config).from_pretrained(
+            path, config=config, dtype=resolve_dtype(dtype, resolved), device_map=resolved, local_files_only=True,
             trust_remote_code=REMOTE_CODE.get(),
         )
     except LOAD_ERRORS as e:
         raise MoekdError(f"cannot load a causal language model from {path}: {first_line(e)}") from None
     return model.eval()
+
+
+def causal_lm_class(config) -> type:
+    """What loads `config` as a causal LM: AutoModelForCausalLM, or, where its mapping has no entry, the
+    transformers `*ForCausalLM` class the config's `architectures` name (Mistral 4's is registered only
+    under multimodal auto classes). Never a class from outside transformers."""
+    if type(config) in AutoModelForCausalLM._model_mapping:
+        return AutoModelForCausalLM
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None) if name.endswith("ForCausalLM") else None
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+            return cls
+    return AutoModelForCausalLM  # whose error names what it cannot load
 
 
 def pad_token_id(tokenizer) -> int:

@@ -133,6 +133,8 @@ RULES: dict[str, Rule] = {
     **_rules(replace(_DEEPSEEK_V3, renormalize=True, epsilon=0.0, scale=None, float32=False),
              laguna="LagunaTopKRouter"),
     **_rules(replace(_DEEPSEEK_V3, epsilon=0.0, scale=None, select_by="logits"), kolibri1="Kolibri1TopKRouter"),
+    **_rules(Rule("", renormalize="norm_topk_prob", epsilon=1e-20, scale="routed_scaling_factor"),
+             mistral4="Mistral4TopkRouter"),
     # its zero-compute experts (identity outputs) are routed like the others: n_routed_experts counts them
     **_rules(Rule("", renormalize=False, bias="e_score_correction_bias", scale="routed_scaling_factor",
                   experts="n_routed_experts"), longcat_flash="LongcatFlashTopkRouter"),
@@ -145,7 +147,7 @@ _FOUR = "its router returns four values and weighs shared experts with the route
 UNSUPPORTED: dict[str, str] = {
     **dict.fromkeys(["aria", "qwen3_vl_moe", "qwen3_vl_moe_text", "qwen3_omni_moe", "qwen3_omni_moe_text",
                      "qwen3_omni_moe_thinker", "qwen3_omni_moe_talker_text", "glm4v_moe", "glm4v_moe_text",
-                     "glm5_next", "glm5_next_text", "hy_v4_vl", "hy_v4_vl_text", "mistral4", "mistral_large4",
+                     "glm5_next", "glm5_next_text", "hy_v4_vl", "hy_v4_vl_text", "mistral_large4",
                      "mistral_large4_text", "deepseek_ocr2", "deepseek_ocr2_text", "unlimited_ocr",
                      "unlimited_ocr_text", "step3p5", "step3p7", "muse_spark", "muse_spark_text", "ernie4_5_vl_moe",
                      "ernie4_5_vl_moe_text", "diffusion_gemma", "diffusion_gemma_text", "inkling_mm_model"],

@@ -30,6 +30,14 @@ _DEEPSEEK = {
 }
 
 CONFIGS = {
+    "mistral4": {
+        **_BASE,
+        **_MLA,
+        **_DEEPSEEK,
+        "moe_intermediate_size": 32,
+        "first_k_dense_replace": 1,
+        "architectures": ["Mistral4ForCausalLM"],
+    },
     "laguna": {
         **_BASE,
         "head_dim": 16,

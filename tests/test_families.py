@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import family_configs
 import fixtures
 from pipeline.logprobs import target_hidden, vocab_logits
+from pipeline.models import causal_lm_class
 from pipeline.routing import RULES, UNSUPPORTED, RoutingConfig, RoutingHooks, families_table, find_routers
 from pipeline.sar import train_routers_only
 from test_routing import inclusion_probabilities
@@ -32,7 +33,8 @@ def build(family: str, settings: dict, state: dict | None = None):
     config = AutoConfig.for_model(family, vocab_size=fixtures.VOCAB_SIZE, pad_token_id=0, bos_token_id=1,
                                   eos_token_id=2, **settings)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).float().eval()
+    cls = causal_lm_class(config)
+    model = (cls.from_config(config) if cls is AutoModelForCausalLM else cls(config)).float().eval()
     if state is not None:
         model.load_state_dict(state)
         return model
