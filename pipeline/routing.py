@@ -55,11 +55,12 @@ from pipeline.seeding import generator
 
 MODES = ("topk", "ka", "all", "top_p")
 
+
 @dataclass(frozen=True)
 class Rule:
     """How one family's router chooses and weighs its experts."""
 
-    router: str  # class name of its router module, which returns (logits, weights, indices)
+    router: str  # class name of its router module
     score: Literal["softmax", "sigmoid"] = "softmax"  # what the weights are made of
     over: Literal["all", "chosen"] = "all"  # softmax over all experts then gathered, or over the chosen logits
     renormalize: bool | str = True  # over the chosen experts: always, never, or iff this router attribute is true
@@ -142,7 +143,6 @@ RULES: dict[str, Rule] = {
 
 _NO_CAUSAL_LM = ("AutoModelForCausalLM does not load it (a multimodal model, or a text model without a "
                  "causal-LM class); moekd loads teachers with AutoModelForCausalLM")
-_FOUR = "its router returns four values and weighs shared experts with the routed ones"
 # The other MoE model_types of the pinned transformers (text parts of composite models included): refused, and why.
 UNSUPPORTED: dict[str, str] = {
     **dict.fromkeys(["aria", "qwen3_vl_moe", "qwen3_vl_moe_text", "qwen3_omni_moe", "qwen3_omni_moe_text",
@@ -152,7 +152,7 @@ UNSUPPORTED: dict[str, str] = {
                      "unlimited_ocr_text", "step3p5", "step3p7", "muse_spark", "muse_spark_text", "ernie4_5_vl_moe",
                      "ernie4_5_vl_moe_text", "diffusion_gemma", "diffusion_gemma_text", "inkling_mm_model"],
                     _NO_CAUSAL_LM),
-    "inkling_text": _FOUR,
+    "inkling_text": "its router returns four values and weighs shared experts with the routed ones",
     **dict.fromkeys(["inkling2_loop", "inkling2_loop_text"], "its looped block calls each router several times "
                     "per forward; routing hooks take one call per router and forward"),
     "deepseek_v4": "hash-routed layers (experts chosen by token id) and a sqrt-softplus score: not yet described",
