@@ -68,7 +68,8 @@ CHECKPOINTS = "checkpoints"
 FINAL = "final"
 FINISHED = "finished"
 # Settings that change neither the losses nor the weights: a run may resume with other values.
-RESUMABLE_WITH_CHANGES = ("overwrite", "save_every", "keep_checkpoints", "prefetch", "trust_remote_code")
+RESUMABLE_WITH_CHANGES = ("overwrite", "save_every", "keep_checkpoints", "keep_checkpoints_at_end", "prefetch",
+                          "trust_remote_code")
 
 
 @dataclass
@@ -118,6 +119,7 @@ class RunConfig:
     eval_max_examples: int | None = 256  # held-out rows evaluated (evenly spaced; the cache's first); null: all
     save_every: int = 500  # steps between checkpoints; 0: at the end only
     keep_checkpoints: int = 2
+    keep_checkpoints_at_end: bool = False  # once final/ is written the checkpoints (for resuming only) go; true: stay
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast; auto: bfloat16 on GPU, float32 on CPU
     gradient_checkpointing: bool = False  # the student: recompute activations in backward (less memory)
     device: str = "auto"
@@ -718,4 +720,6 @@ class Run:
         if self.processes.rank == 0:
             more = save_more() if save_more else ""
             save_model(self.output / FINAL, self.student, self.tokenizer)
+            if not self.config.keep_checkpoints_at_end:  # a finished run is never resumed: they are dead weight
+                shutil.rmtree(self.output / CHECKPOINTS, ignore_errors=True)
             print(f"{self.name}: {self.trainer.steps_done} steps done; the student is in {self.output / FINAL}{more}")

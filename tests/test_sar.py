@@ -276,7 +276,7 @@ def metrics(output: Path) -> list[dict]:
 
 
 def test_the_stage_writes_the_student_the_routers_and_metrics(tmp_path, teacher_dir, student_dir, prepared, capsys):
-    records = run_sar(tmp_path, teacher_dir("mixtral"), student_dir, prepared)
+    records = run_sar(tmp_path, teacher_dir("mixtral"), student_dir, prepared, keep_checkpoints_at_end=True)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     experts, layers = 4, 2
     for record in records:

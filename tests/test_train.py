@@ -195,12 +195,19 @@ def cli_train(output: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", "train", str(output), *args]
 
 
+def test_a_finished_run_drops_its_checkpoints_unless_told_to_keep_them(tmp_path, ka_cache, student_dir):
+    run_train(tmp_path / "dropped", student_dir, cache=ka_cache, save_every=2)
+    run_train(tmp_path / "kept", student_dir, cache=ka_cache, save_every=2, keep_checkpoints_at_end=True)
+    assert (tmp_path / "dropped/final").is_dir() and not (tmp_path / "dropped/checkpoints").exists()
+    assert sorted(p.name for p in (tmp_path / "kept/checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+
+
 def test_sigkill_then_rerun_gives_the_uninterrupted_run(tmp_path, ka_cache, tokenizer_dir):
     # Dropout makes the losses depend on the RNG states the checkpoints carry.
     student = fixtures.make_student(tmp_path / "student", tokenizer_dir, attention_dropout=0.2)
     args = ["--student", str(student), "--cache", str(ka_cache), "--max-steps", "100", "--save-every", "10",
             "--batch-size", "4", "--device", "cpu", "--dtype", "float32", "ka_samples=one", "optim.lr=0.003",
-            "optim.warmup_steps=5"]
+            "optim.warmup_steps=5", "keep_checkpoints_at_end=true"]
     fixtures.kill_and_rerun(lambda output: cli_train(output, *args), tmp_path, kill_after=25)
     interrupted, uninterrupted = metrics(tmp_path / "run"), metrics(tmp_path / "reference")
     assert [m["step"] for m in interrupted] == list(range(1, 101))

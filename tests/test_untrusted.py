@@ -180,7 +180,7 @@ class Payload:
 def test_a_checkpoint_carrying_code_is_refused_unrun(tmp_path, student_dir, reference):
     run = tmp_path / "run"
     train.run(train.Config(output=str(run), student=str(student_dir), cache=str(reference), max_steps=2,
-                           save_every=1, device="cpu", batch_size=4))
+                           save_every=1, device="cpu", batch_size=4, keep_checkpoints_at_end=True))
     first, last = sorted((run / "checkpoints").iterdir())
     assert load_trainer_state(first)["trainer"]["steps_done"] == 1  # moekd's own checkpoints load safely
     shutil.rmtree(run / "final")
@@ -257,7 +257,8 @@ def test_a_run_does_not_resume_against_another_teacher(tmp_path, student_dir, mo
     run, cache_dir = tmp_path / "run", Path(shutil.copytree(reference, tmp_path / "cache"))
     args = ["train", run, "--student", student_dir, "--cache", cache_dir, "--device", "cpu", "max_steps=4",
             "save_every=2", "batch_size=4"]
-    assert main(list(map(str, [*args[:-3], "max_steps=2", "save_every=2", "batch_size=4"]))) == 0
+    assert main(list(map(str, [*args[:-3], "max_steps=2", "save_every=2", "batch_size=4",
+                               "keep_checkpoints_at_end=true"]))) == 0
     shutil.rmtree(run / "final")  # as if interrupted after its checkpoint at step 2
     shutil.rmtree(cache_dir)  # the cache is replaced by another teacher's: same tokenizer, same shapes
     other = fixtures.make_moe(tmp_path / "other", "mixtral", moe_dir("mixtral"), seed=7)
