@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import family_configs
 import fixtures
+from pipeline.errors import MoekdError
 from pipeline.logprobs import target_hidden, vocab_logits
 from pipeline.models import causal_lm_class
 from pipeline.routing import RULES, UNSUPPORTED, RoutingConfig, RoutingHooks, families_table, find_routers
@@ -146,3 +147,11 @@ def test_the_readme_lists_the_supported_families_as_the_table_says():
     readme = (fixtures.REPO / "README.md").read_text()
     assert families_table() in readme
     assert f"{len(RULES)} model types" in readme and f"The other {len(UNSUPPORTED)} MoE model" in readme
+
+
+def test_a_rule_that_holds_for_one_setting_refuses_the_others():
+    settings = family_configs.CONFIGS["cohere2_moe"] | {"expert_selection_fn": "sigmoid"}
+    config = AutoConfig.for_model("cohere2_moe", vocab_size=fixtures.VOCAB_SIZE, pad_token_id=0, **settings)
+    with pytest.raises(MoekdError, match="expert_selection_fn='sigmoid' is not supported: moekd describes its "
+                                         "routing with expert_selection_fn='softmax' only"):
+        find_routers(AutoModelForCausalLM.from_config(config))
