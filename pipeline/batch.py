@@ -63,9 +63,11 @@ def make_batch(seq_ids: list[int], sequences: list[np.ndarray], positions: list[
     return Batch(seq_ids, input_ids, attention_mask, rows, cols, input_ids[rows, cols + 1])
 
 
-def collate_records(records: list[TeacherRecord], pad_id: int, aggregate: bool = False) -> Batch:
+def collate_records(records: list[TeacherRecord], pad_id: int, aggregate: bool = False,
+                    top_k: int | None = None) -> Batch:
     """A batch with the records' teacher: all M samples (M, N, k), their stored aggregate (1, N, k), or a
-    sampled cache's draws (1, N, K) with K the most distinct ids at one target."""
+    sampled cache's draws (1, N, K) with K the most distinct ids at one target. `top_k` keeps the most
+    probable `top_k` of a top-k cache's k entries."""
     batch = make_batch([r.seq_id for r in records], [r.input_ids for r in records],
                        [r.positions for r in records], pad_id)
     if records and records[0].sample_ids is not None:
@@ -87,6 +89,9 @@ def collate_records(records: list[TeacherRecord], pad_id: int, aggregate: bool =
     else:
         ids = np.concatenate([r.topk_ids for r in records], axis=1)
         logprobs = np.concatenate([r.topk_logprobs for r in records], axis=1)
+    if top_k is not None and top_k < ids.shape[-1]:
+        keep = np.sort(np.argsort(-logprobs, axis=-1, kind="stable")[..., :top_k], axis=-1)  # in the stored order
+        ids, logprobs = np.take_along_axis(ids, keep, -1), np.take_along_axis(logprobs, keep, -1)
     batch.teacher_ids = torch.from_numpy(ids.astype(np.int64))
     batch.teacher_logprobs = torch.from_numpy(logprobs.astype(np.float32))
     return batch

@@ -44,12 +44,12 @@ from pipeline.seeding import derive_seed
 # ---------------------------------------------------------------- shard sources
 
 class CacheShards:
-    """The committed shards of a teacher cache, in shard-index order; a row is a TeacherRecord. Every read is
-    checked against the manifest (`Manifest.read_shard`)."""
+    """The committed shards of a teacher cache (or a `subset` of their indices), in shard-index order; a row
+    is a TeacherRecord. Every read is checked against the manifest (`Manifest.read_shard`)."""
 
-    def __init__(self, cache_dir: str | Path):
+    def __init__(self, cache_dir: str | Path, subset: list[int] | None = None):
         self.manifest = Manifest.load(Path(cache_dir))
-        self.indices = sorted(self.manifest.shards)
+        self.indices = sorted(self.manifest.shards if subset is None else set(subset))
 
     def __len__(self) -> int:
         return len(self.indices)

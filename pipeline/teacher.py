@@ -107,26 +107,37 @@ class Labels:
 class CachedTeacher:
     """A complete `moekd cache` directory: rows are its records, with all M samples or their aggregate."""
 
-    def __init__(self, cache: str, aggregate: bool = False):
+    def __init__(self, cache: str, aggregate: bool = False, top_k: int | None = None,
+                 shards: list[int] | None = None):
+        """`top_k`: keep the most probable `top_k` of each stored distribution's k (the tail mass stays exact:
+        the log-probs are normalised over the vocabulary); `shards`: read these shard indices only."""
         manifest = Manifest.load(Path(cache))
         expected = manifest.identity.get("num_shards")
         if expected is not None and len(manifest.shards) != expected:
             raise MoekdError(f"teacher cache {cache} is incomplete: {len(manifest.shards)} of {expected} shards "
                              "committed; finish it with `moekd cache` first")
-        if aggregate and not manifest.identity["encoding"]["aggregate"]:
+        encoding = manifest.identity["encoding"]
+        if aggregate and not encoding["aggregate"]:
             raise MoekdError(f"ka_samples=aggregate but teacher cache {cache} stores no aggregate "
                              "(build it with aggregate=true, or use ka_samples=mean)")
-        self.cache, self.aggregate = cache, aggregate
-        self.sampled = sampled(manifest.identity["encoding"])
+        self.sampled = sampled(encoding)
+        if top_k is not None and (self.sampled or top_k > encoding["k"]):
+            held = "draws, not a top-k" if self.sampled else f"the top {encoding['k']}"
+            raise MoekdError(f"cache_top_k={top_k}: teacher cache {cache} holds {held}; give at most its k")
+        missing = sorted(set(shards or ()) - set(manifest.shards))
+        if missing:
+            raise MoekdError(f"cache_shards: teacher cache {cache} has no shard {missing[0]} "
+                             f"(it has {len(manifest.shards)}: 0 to {max(manifest.shards, default=-1)})")
+        self.cache, self.aggregate, self.top_k, self.subset = cache, aggregate, top_k, shards
         self.made_with = cache_made_with(cache)
         self.inputs = {"cache": cache_inputs(cache)}
         self.description = f"offline KD from {cache}"
 
     def shards(self) -> CacheShards:
-        return CacheShards(self.cache)
+        return CacheShards(self.cache, self.subset)
 
     def collate(self, rows: list, pad_id: int) -> Batch:
-        return collate_records(rows, pad_id, self.aggregate)
+        return collate_records(rows, pad_id, self.aggregate, self.top_k)
 
     def verify(self) -> None:
         """Hash and check every shard; refuse a cache that fails."""

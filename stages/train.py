@@ -55,6 +55,8 @@ class Config(RunConfig):
     ka_samples: Literal["mean", "one", "aggregate"] = "mean"  # how the M teacher samples enter D
     routing: RoutingConfig = field(default_factory=RoutingConfig)  # online KD: the teacher's routing
     top_k: int = 64  # online KD: teacher log-probs kept per token and sample
+    cache_top_k: int | None = None  # offline KD: use the most probable this many of the cache's k (null: all)
+    cache_shards: list[int] | None = None  # offline KD: train on these shards of the cache only (null: all)
 
     def __post_init__(self):
         super().__post_init__()
@@ -71,6 +73,13 @@ class Config(RunConfig):
             raise ValueError(f"ka_samples={self.ka_samples} picks teacher samples: it needs cache or teacher")
         if self.teacher is None and (self.routing != RoutingConfig() or self.top_k != Config.top_k):
             raise ValueError("routing and top_k apply to online KD (teacher=...) only; a cache keeps its own")
+        if self.cache is None and (self.cache_top_k is not None or self.cache_shards is not None):
+            raise ValueError("cache_top_k and cache_shards read a subset of a cache: they need cache")
+        if self.cache_top_k is not None and self.cache_top_k < 1:
+            raise ValueError(f"cache_top_k must be at least 1 (or null), got {self.cache_top_k}")
+        if self.cache_shards is not None and (not self.cache_shards or len(set(self.cache_shards))
+                                              != len(self.cache_shards)):
+            raise ValueError(f"cache_shards must be distinct shard indices, at least one, got {self.cache_shards}")
         if self.teacher is not None and self.ka_samples == "aggregate" and self.routing.mode != "ka":
             raise ValueError("ka_samples=aggregate averages KA samples: it needs routing.mode=ka")
 
@@ -98,7 +107,7 @@ def make_teacher(config: Config, run: Run, stack: contextlib.ExitStack):
     """The run's teacher: the cache, the teacher model in the loop, or none (SFT)."""
     aggregate = config.ka_samples == "aggregate"
     if config.cache:
-        teacher = CachedTeacher(config.cache, aggregate)
+        teacher = CachedTeacher(config.cache, aggregate, config.cache_top_k, config.cache_shards)
         loss = config.loss
         if teacher.sampled and (loss.divergence != "forward_kl" or loss.temperature != 1 or config.ka_samples != "mean"):
             raise MoekdError(

@@ -195,6 +195,39 @@ def cli_train(output: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", "train", str(output), *args]
 
 
+def test_training_on_the_top_entries_of_a_cache_equals_training_on_a_cache_of_that_k(
+        tmp_path, teacher, splits, ka_cache, student_dir):
+    small = tmp_path / "top8"
+    cache.run(cache.Config(output=str(small), teacher=str(teacher), data=str(splits["train"]), routing=KA, top_k=8,
+                           shard_size=SHARD_SIZE, batch_size=16, device="cpu"))
+    subset = run_train(tmp_path / "subset", student_dir, cache=ka_cache, cache_top_k=8)
+    made = run_train(tmp_path / "made", student_dir, cache=small)
+    # Equal up to ties: the cache ranks the exact log-probs, the subset their stored float16 roundings.
+    for a, b in zip(subset, made, strict=True):
+        assert {k: a[k] for k in COMPARED} == pytest.approx({k: b[k] for k in COMPARED}, rel=1e-4)
+    rows = CacheShards(ka_cache).read(0)
+    kept = collate_records(rows, PAD, top_k=8)
+    stored = collate_records(CacheShards(small).read(0), PAD)
+    same = (kept.teacher_ids == stored.teacher_ids).all(-1)
+    assert same.float().mean() > 0.95  # the same 8 ids at almost every target, and then the same log-probs
+    assert torch.equal(kept.teacher_logprobs[same], stored.teacher_logprobs[same])
+    # elsewhere the same 8 values, the last of them tied with the id it replaces
+    assert torch.equal(kept.teacher_logprobs.sort(-1).values, stored.teacher_logprobs.sort(-1).values)
+    full = run_train(tmp_path / "full", student_dir, cache=ka_cache)
+    assert abs(full[-1]["kd"] - subset[-1]["kd"]) > 1e-2  # the subset really changed the teacher
+    with pytest.raises(MoekdError, match="cache_top_k=64: teacher cache .* holds the top 32; give at most its k"):
+        run_train(tmp_path / "too_many", student_dir, cache=ka_cache, cache_top_k=64)
+
+
+def test_training_on_some_shards_of_a_cache_reads_those_only(tmp_path, ka_cache, student_dir):
+    records = run_train(tmp_path / "run", student_dir, cache=ka_cache, cache_shards=[2], max_steps=None, epochs=1)
+    shard = CacheShards(ka_cache, [2])
+    assert len(shard) == 1 and records[-1]["tokens"] == int(shard.index(0)[1].sum())  # every target, once
+    assert len(records) == -(-len(shard.index(0)[0]) // 4)  # its rows in batches of 4
+    with pytest.raises(MoekdError, match="cache_shards: teacher cache .* has no shard 99"):
+        run_train(tmp_path / "missing", student_dir, cache=ka_cache, cache_shards=[99])
+
+
 def test_a_finished_run_drops_its_checkpoints_unless_told_to_keep_them(tmp_path, ka_cache, student_dir):
     run_train(tmp_path / "dropped", student_dir, cache=ka_cache, save_every=2)
     run_train(tmp_path / "kept", student_dir, cache=ka_cache, save_every=2, keep_checkpoints_at_end=True)
