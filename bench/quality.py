@@ -338,7 +338,7 @@ def plot(config: Config, out: Path, report: dict) -> None:
             ax.scatter([x] * len(entry["per_seed"]), entry["per_seed"], color=colors[name], s=10, alpha=0.5)
         for ref, style in (("teacher", "--"), ("start", ":")):
             ax.axhline(report["references"][ref][key], color="black", linestyle=style, label=ref)
-        ax.set_xticks(range(len(names)), names)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set(title=f"{title}, {'lower' if lower else 'higher'} is better")
         ax.legend(fontsize=8)
     base = report["baseline"]
@@ -350,7 +350,7 @@ def plot(config: Config, out: Path, report: dict) -> None:
             ax.errorbar([x], [entry["vs_baseline"]], yerr=[[entry["vs_baseline"] - low], [high - entry["vs_baseline"]]],
                         fmt="o", capsize=5, color=colors[name])
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(names)), names)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set(title=f"{title}: method − {base}, 95% CI")
     fig.suptitle(f"held-out, {report['examples']} examples; {len(config.seeds)} seeds per method: mean ± std "
                  "(error bars) and each seed (dots)")
