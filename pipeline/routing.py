@@ -243,7 +243,7 @@ def find_routers(model) -> list[Router]:
         if rule is not None and type(module).__name__ == rule.router
     ]
     if routers:
-        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        text = model.config.get_text_config()
         for name, value in rule.requires:
             if getattr(text, name, value) != value:
                 raise MoekdError(f"model type {model_type!r} with {name}={getattr(text, name)!r} is not supported: "
@@ -262,7 +262,7 @@ def family(model) -> str:
     """The model's family: its config's model_type, or its text model's where the config composes several
     (e.g. Qwen3.5-MoE's `qwen3_5_moe_text`)."""
     config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = config.get_text_config()
     known = RULES.keys() | UNSUPPORTED.keys()
     return text.model_type if config.model_type not in known and text.model_type in known else config.model_type
 
