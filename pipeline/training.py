@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import math
 import pickle
@@ -198,7 +199,11 @@ class Distributed:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
     def stop(self) -> None:
+        """Leave the process group. Drop every DDP wrapper first (`Trainer.close`): a Reducer freed after
+        this, with the GIL held, would hold the group's last reference and join gloo's worker threads,
+        which may be waiting for the GIL to free a finished collective's tensors (a deadlock at exit)."""
         if self.world_size > 1 and dist.is_initialized():
+            gc.collect()  # DDP's hooks make reference cycles: its Reducer goes only with a collection
             dist.destroy_process_group()
 
     def __enter__(self) -> Distributed:
@@ -316,6 +321,10 @@ class Trainer:
         alpha = self.loss.alpha
         return {"loss": (1 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd, "lr": lr,
                 "grad_norm": grad_norm.item(), "tokens": tokens}
+
+    def close(self) -> None:
+        """Drop the DDP wrapper, before the process group goes (`Distributed.stop`)."""
+        self.parallel = None
 
     def no_sync(self, last: bool):
         """DDP exchanges gradients only on the step's last micro-batch."""
@@ -577,6 +586,7 @@ class Run:
         self.autocast_dtype = autocast_dtype(config.dtype, self.processes.device)
         self.log = MetricsLog(self.output / METRICS_FILE)
         self.lock: FileLock | None = None
+        self.trainer: Trainer | None = None
 
     def __enter__(self) -> Run:
         return self
@@ -584,6 +594,8 @@ class Run:
     def __exit__(self, *exc) -> None:
         if self.lock is not None:
             self.lock.release()
+        if self.trainer is not None:
+            self.trainer.close()
         self.processes.stop()
 
     @property
