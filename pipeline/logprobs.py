@@ -31,11 +31,14 @@ def target_hidden(model, input_ids: Tensor, attention_mask: Tensor, rows: Tensor
 
 
 def vocab_logits(model, hidden: Tensor) -> Tensor:
-    """Logits (at least float32) over the vocabulary for hidden states (n, H), scaled and soft-capped where the
-    family's head does (Cohere's `logit_scale`, Granite's `logits_scaling`, Gemma 2's soft cap)."""
-    logits = model.get_output_embeddings()(hidden)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    """Logits (at least float32) over the vocabulary for hidden states (n, H), scaled, soft-capped and cut
+    where the family's head does (Inkling's `logits_mup_width_multiplier` and `unpadded_vocab_size`, Cohere's
+    `logit_scale`, Granite's `logits_scaling`, Gemma 2's soft cap)."""
     config = model.config
+    if getattr(config, "logits_mup_width_multiplier", None):
+        hidden = hidden / config.logits_mup_width_multiplier
+    logits = model.get_output_embeddings()(hidden)[..., : vocab_size(model)]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if getattr(config, "logit_scale", None):
         logits = logits * config.logit_scale
     if getattr(config, "logits_scaling", None):
@@ -44,6 +47,13 @@ def vocab_logits(model, hidden: Tensor) -> Tensor:
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
+
+
+def vocab_size(model) -> int:
+    """The number of ids the model's distributions range over: its output embeddings' rows, or fewer where
+    the family pads them (`unpadded_vocab_size`)."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    return min(rows, getattr(model.config, "unpadded_vocab_size", None) or rows)
 
 
 def vocab_logprobs(model, hidden: Tensor) -> Tensor:

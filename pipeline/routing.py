@@ -61,23 +61,33 @@ class Rule:
     """How one family's router chooses and weighs its experts."""
 
     router: str  # class name of its router module
-    score: Literal["softmax", "sigmoid"] = "softmax"  # what the weights are made of
+    score: Literal["softmax", "sigmoid", "sqrtsoftplus"] = "softmax"  # what the weights are made of
     over: Literal["all", "chosen"] = "all"  # softmax over all experts then gathered, or over the chosen logits
     renormalize: bool | str = True  # over the chosen experts: always, never, or iff this router attribute is true
     epsilon: float = 0.0  # added to the renormalising sum
     # added to the score to choose experts (not to weigh them): a router attribute, or (int) the index of
     # the router's forward argument that carries it (a bias the MoE block holds)
     bias: str | int | None = None
-    scale: str | None = None  # router attribute the weights are multiplied by (one factor, or one per expert)
+    scale: str | tuple[str, ...] | None = None  # router attribute(s) the weights are multiplied by (factors, or
+    # one per expert)
     floor: str | None = None  # router attribute: the least the renormalising sum is divided by (a clamp)
     select_by: Literal["score", "logits"] = "score"  # what the bias is added to, to rank the experts
     float32: bool = False  # weights stay float32 (else: cast back to the logits' dtype)
-    requires: tuple[tuple[str, object], ...] = ()  # config settings this rule holds for, (name, value)
+    requires: tuple[tuple[str, object], ...] = ()  # config settings (dotted paths) this rule holds for
     returns: Literal["logits", "probabilities"] = "logits"  # the first of the router's outputs
-    # the router's outputs: (logits, weights, indices), or (dense (N, E) weights, zero where not chosen; logits)
-    outputs: Literal["chosen", "dense"] = "chosen"
-    experts: str = "num_experts"  # router attributes (dotted paths) holding its expert count and its k
+    # the router's outputs: (logits, weights, indices, *passed on), or (dense (N, E) weights, zero where not
+    # chosen; logits), or its logits alone, the MoE block choosing and calling `block.experts(hidden, indices,
+    # weights)`, whose inputs the hooks rewrite
+    outputs: Literal["chosen", "dense", "logits"] = "chosen"
+    # router attributes (dotted paths; `block.` for its MoE block's) holding its expert count and its k
+    experts: str = "num_experts"
     top_k: str = "top_k"
+    skip_class: bool = False  # the last expert is a no-op: chosen, it gets weight 0 and index 0 (as the router does)
+    # router attribute: the number of shared experts whose logits (the last rows of `weight`) join the
+    # renormalisation; their weights are the router's fourth output
+    shared: str | None = None
+    sparsemixer: str | None = None  # PhiMoE's weights, per pick in order (the router attribute: its jitter eps)
+    fixed_k: str | None = None  # why the family takes exactly its k experts (all, top_p and other k_s refused)
 
 
 _MIXTRAL = Rule("", float32=True)
@@ -136,6 +146,17 @@ RULES: dict[str, Rule] = {
     **_rules(replace(_DEEPSEEK_V3, epsilon=0.0, scale=None, select_by="logits"), kolibri1="Kolibri1TopKRouter"),
     **_rules(Rule("", renormalize="norm_topk_prob", epsilon=1e-20, scale="routed_scaling_factor"),
              mistral4="Mistral4TopkRouter"),
+    # its hash-routed layers (DeepseekV4HashRouter: experts looked up by token id) keep their choice in every mode
+    **_rules(replace(_DEEPSEEK_V3, score="sqrtsoftplus", renormalize=True, float32=False),
+             deepseek_v4="DeepseekV4TopKRouter"),
+    **_rules(Rule("", renormalize=False, bias="balancing_biases", experts="num_router_classes", skip_class=True),
+             zaya="ZayaRouter"),
+    **_rules(Rule("", outputs="logits", experts="block.experts.num_experts", top_k="block.top_k",
+                  requires=(("ffn_config.moe_normalize_expert_weights", 1),)), dbrx="DbrxRouter"),
+    **_rules(Rule("", sparsemixer="router_jitter_noise", fixed_k="sparsemixer weighs exactly two experts"),
+             phimoe="PhimoeTopKRouter"),
+    **_rules(Rule("", score="sigmoid", bias="e_score_correction_bias", scale=("route_scale", "global_scale"),
+                  shared="n_shared_experts"), inkling_text="InklingTopkRouter"),
     # its zero-compute experts (identity outputs) are routed like the others: n_routed_experts counts them
     **_rules(Rule("", renormalize=False, bias="e_score_correction_bias", scale="routed_scaling_factor",
                   experts="n_routed_experts"), longcat_flash="LongcatFlashTopkRouter"),
@@ -152,13 +173,8 @@ UNSUPPORTED: dict[str, str] = {
                      "unlimited_ocr_text", "step3p5", "step3p7", "muse_spark", "muse_spark_text", "ernie4_5_vl_moe",
                      "ernie4_5_vl_moe_text", "diffusion_gemma", "diffusion_gemma_text", "inkling_mm_model"],
                     _NO_CAUSAL_LM),
-    "inkling_text": "its router returns four values and weighs shared experts with the routed ones",
     **dict.fromkeys(["inkling2_loop", "inkling2_loop_text"], "its looped block calls each router several times "
                     "per forward; routing hooks take one call per router and forward"),
-    "deepseek_v4": "hash-routed layers (experts chosen by token id) and a sqrt-softplus score: not yet described",
-    "zaya": "its router returns four values and has a skip-expert class",
-    "phimoe": "sparsemixer routing (always two experts, chosen with jitter masks): no top-k rule",
-    "dbrx": "its router returns logits only; the MoE block chooses experts itself",
     "doge": "routing is computed inside the MoE block, with no router module to hook",
     "jetmoe": "its router returns five values and also routes the attention experts",
     "openai_privacy_filter": "a bidirectional encoder, not a causal language model",
@@ -182,17 +198,26 @@ def families_table() -> str:
             renormalize = "by construction"
         if rule.floor is not None:
             renormalize += f" (the sum at least `{rule.floor}`)"
+        if rule.shared is not None:
+            renormalize += ", with the shared experts"
+        if rule.sparsemixer is not None:
+            source, renormalize = "sparsemixer: per pick, softmax over the experts within its jitter threshold", "—"
         settings = "".join(f" ({name} = {value})" for name, value in rule.requires)
         if rule.returns != "logits":
             settings += f" (its router returns {rule.returns})"
-        if rule.outputs == "dense":
-            settings += " (its router returns dense weights)"
+        settings += {"dense": " (its router returns dense weights)",
+                     "logits": " (its MoE block chooses: the hooks rewrite its experts' inputs)"}.get(rule.outputs, "")
+        if rule.skip_class:
+            settings += " (its last expert is a no-op)"
+        if rule.fixed_k is not None:
+            settings += " (topk, and ka with its own k, only)"
         bias = {None: "—"}.get(rule.bias, f"forward argument {rule.bias}" if isinstance(rule.bias, int)
                                 else f"`{rule.bias}`")
         if rule.bias is not None and rule.select_by == "logits":
             bias += ", added to the logits"
+        scale = " × ".join(f"`{name}`" for name in ((rule.scale,) if isinstance(rule.scale, str) else rule.scale or ()))
         lines.append(f"| {', '.join(names)}{settings} | {source} | {renormalize} | {bias} "
-                     f"| {rule.scale and f'`{rule.scale}`' or '—'} | {'float32' if rule.float32 else 'the logits'} |")
+                     f"| {scale or '—'} | {'float32' if rule.float32 else 'the logits'} |")
     return "\n".join(lines)
 
 
@@ -226,36 +251,55 @@ class RoutingConfig:
 class Router:
     name: str  # module path, e.g. model.layers.0.mlp.gate
     module: torch.nn.Module
+    block: torch.nn.Module  # the MoE block that holds it
     family: str  # the model_type, a key of RULES
     rule: Rule
     num_experts: int
     top_k: int
+
+    def attribute(self, path: str):
+        """A dotted attribute of the router, or of its MoE block where `path` starts with `block.`."""
+        owner, path = (self.block, path[6:]) if path.startswith("block.") else (self.module, path)
+        return operator.attrgetter(path)(owner)
 
 
 def find_routers(model) -> list[Router]:
     """The MoE router modules of `model` in layer order; refuses dense and unsupported models."""
     model_type = family(model)
     rule = RULES.get(model_type)
-    routers = [
-        Router(name, module, model_type, rule, operator.attrgetter(rule.experts)(module),
-               operator.attrgetter(rule.top_k)(module))
-        for name, module in model.named_modules()
-        if rule is not None and type(module).__name__ == rule.router
-    ]
+    routers = []
+    for name, module in model.named_modules():
+        if rule is not None and type(module).__name__ == rule.router:
+            router = Router(name, module, model.get_submodule(name.rpartition(".")[0]), model_type, rule, 0, 0)
+            router.num_experts, router.top_k = router.attribute(rule.experts), router.attribute(rule.top_k)
+            routers.append(router)
     if routers:
         text = model.config.get_text_config()
         for name, value in rule.requires:
-            if getattr(text, name, value) != value:
-                raise MoekdError(f"model type {model_type!r} with {name}={getattr(text, name)!r} is not supported: "
+            setting = _setting(text, name, value)
+            if setting != value:
+                raise MoekdError(f"model type {model_type!r} with {name}={setting!r} is not supported: "
                                  f"moekd describes its routing with {name}={value!r} only")
         return routers
     if model_type in UNSUPPORTED:
         raise MoekdError(f"model type {model_type!r} is an MoE family moekd does not support: "
                          f"{UNSUPPORTED[model_type]}")
-    if rule is None and _looks_moe(model):
+    if rule is not None:
+        raise MoekdError(f"model type {model_type!r}: none of its layers routes with a {rule.router}, the router "
+                         "moekd rewrites (e.g. DeepSeek-V4's hash-routed layers only)")
+    if _looks_moe(model):
         raise MoekdError(f"model type {model_type!r} is an MoE family moekd does not know "
                          f"({len(RULES)} supported: see the README's table)")
     raise MoekdError(f"model type {model_type!r} is a dense model; KA/SAR need an MoE teacher")
+
+
+def _setting(config, path: str, default):
+    """A config setting by dotted path (`default` where it is absent)."""
+    for part in path.split("."):
+        if not hasattr(config, part):
+            return default
+        config = getattr(config, part)
+    return config
 
 
 def family(model) -> str:
@@ -278,32 +322,61 @@ def _flag(module, setting: bool | str) -> bool:
     return setting if isinstance(setting, bool) else bool(getattr(module, setting))
 
 
-def family_weights(router: Router, logits: torch.Tensor, indices: torch.Tensor, keep=None) -> torch.Tensor:
+def family_weights(router: Router, logits: torch.Tensor, indices: torch.Tensor, keep=None,
+                   shared_logits: torch.Tensor | None = None) -> torch.Tensor:
     """Mixing weights of the chosen `indices` (N, w) by the family's own rule (`Rule`).
 
     `keep` (N, w) marks real choices; False slots get weight 0 and are left out
-    of any normalisation (top_p pads its variable-size sets this way).
+    of any normalisation (top_p pads its variable-size sets this way). With
+    `shared_logits` (N, S) (a rule with `shared`) the shared experts join the
+    normalisation, and their weights follow the chosen ones': (N, w + S).
     """
-    rule, module = router.rule, router.module
-    if rule.over == "chosen":  # softmax over the chosen logits: normalised by construction
+    rule = router.rule
+    if rule.sparsemixer is not None:
+        weights = sparsemixer_weights(logits, indices, router.attribute(rule.sparsemixer))
+    elif rule.over == "chosen":  # softmax over the chosen logits: normalised by construction
         chosen = logits.gather(1, indices)
         if keep is not None:
             chosen = chosen.masked_fill(~keep, float("-inf"))
         weights = F.softmax(chosen, dim=1, dtype=chosen.dtype)
     else:
-        scores = logits.float().sigmoid() if rule.score == "sigmoid" else F.softmax(logits, dim=-1, dtype=torch.float)
-        weights = scores.gather(1, indices)
+        weights = expert_scores(rule, logits).gather(1, indices)
         if keep is not None:
             weights = weights.masked_fill(~keep, 0.0)
-        if _flag(module, rule.renormalize):
+        if shared_logits is not None:
+            weights = torch.cat([weights, expert_scores(rule, shared_logits)], dim=1)
+        if _flag(router.module, rule.renormalize):
             total = weights.sum(dim=-1, keepdim=True)
             if rule.floor is not None:
-                total = total.clamp(min=getattr(module, rule.floor))
+                total = total.clamp(min=router.attribute(rule.floor))
             weights = weights / (total + rule.epsilon)
-    if rule.scale is not None:  # one factor, or one per expert
-        scale = getattr(module, rule.scale)
-        weights = weights * (scale[indices] if torch.is_tensor(scale) and scale.dim() == 1 else scale)
+    for name in (rule.scale,) if isinstance(rule.scale, str) else rule.scale or ():
+        scale = router.attribute(name)  # a factor, or one per expert
+        weights = weights * (scale[indices] if torch.is_tensor(scale) and scale.numel() > 1 else scale)
     return weights if rule.float32 else weights.to(logits.dtype)
+
+
+def expert_scores(rule: Rule, logits: torch.Tensor) -> torch.Tensor:
+    """The family's score of every expert (float32): softmax over the experts, or a sigmoid or
+    sqrt-softplus of each logit."""
+    if rule.score == "sigmoid":
+        return logits.float().sigmoid()
+    if rule.score == "sqrtsoftplus":
+        return F.softplus(logits.float()).sqrt()
+    return F.softmax(logits, dim=-1, dtype=torch.float)
+
+
+def sparsemixer_weights(logits: torch.Tensor, indices: torch.Tensor, jitter_eps: float) -> torch.Tensor:
+    """PhiMoE's sparsemixer weights (eval) of experts picked in order: pick i's share of the softmax over
+    the experts whose logit is within the jitter threshold of its own, the earlier picks left out."""
+    weights, remaining = [], logits
+    for i in range(indices.shape[1]):
+        pick = indices[:, i : i + 1]
+        threshold = logits.gather(1, pick)
+        outside = (threshold - logits) / logits.abs().clamp(min=threshold) > 2 * jitter_eps
+        weights.append(F.softmax(remaining.masked_fill(outside, float("-inf")), dim=-1).gather(1, pick))
+        remaining = remaining.scatter(1, pick, float("-inf"))
+    return torch.cat(weights, dim=1)
 
 
 def selection_bias(router: Router, inputs: tuple) -> torch.Tensor | None:
@@ -311,7 +384,7 @@ def selection_bias(router: Router, inputs: tuple) -> torch.Tensor | None:
     bias = router.rule.bias
     if isinstance(bias, int):
         return inputs[bias] if len(inputs) > bias else None
-    return None if bias is None else operator.attrgetter(bias)(router.module).squeeze()
+    return None if bias is None else router.attribute(bias).squeeze()
 
 
 def top_experts(router: Router, logits: torch.Tensor, k: int, bias: torch.Tensor | None) -> torch.Tensor:
@@ -321,12 +394,7 @@ def top_experts(router: Router, logits: torch.Tensor, k: int, bias: torch.Tensor
     Expert groups are not applied: a group limit is defined for the family's own k only.
     """
     rule = router.rule
-    if rule.over == "chosen" or rule.select_by == "logits":
-        scores = logits
-    elif rule.score == "sigmoid":
-        scores = logits.float().sigmoid()
-    else:
-        scores = F.softmax(logits, dim=-1, dtype=torch.float)
+    scores = logits if rule.over == "chosen" or rule.select_by == "logits" else expert_scores(rule, logits)
     if bias is not None:
         scores = scores + bias
     return scores.topk(k, dim=-1).indices
@@ -376,6 +444,11 @@ class RoutingHooks:
                 raise MoekdError(
                     f"routing.k_s={config.k_s} exceeds the {router.num_experts} experts of {router.name}"
                 )
+            other_k = config.mode in ("all", "top_p") or config.k_s not in (None, router.top_k)
+            if router.rule.fixed_k is not None and other_k:
+                raise MoekdError(f"model type {router.family!r} takes exactly its {router.top_k} experts per token "
+                                 f"({router.rule.fixed_k}): routing.mode={config.mode} with k_s={config.k_s} "
+                                 "would change that; use topk, or ka with k_s null")
         self.record_logits = False
         self.router_logits: list[torch.Tensor] = []
         self.selection_biases: list[torch.Tensor | None] = [None] * len(self.routers)  # of the last forward
@@ -384,9 +457,13 @@ class RoutingHooks:
         self._num_tokens = None  # B*L of that batch
         self._chosen: list[torch.Tensor | None] = [None] * len(self.routers)
         self._chosen_real = None
+        self._pending: list[tuple | None] = [None] * len(self.routers)  # outputs="logits": (logits, inputs)
         self._handles = [
             router.module.register_forward_hook(partial(self._hook, layer))
             for layer, router in enumerate(self.routers)
+        ] + [
+            router.block.experts.register_forward_pre_hook(partial(self._experts_hook, layer))
+            for layer, router in enumerate(self.routers) if router.rule.outputs == "logits"
         ]
 
     def __enter__(self) -> "RoutingHooks":
@@ -440,51 +517,82 @@ class RoutingHooks:
 
     def _hook(self, layer: int, module, inputs, output):
         router = self.routers[layer]
-        if router.rule.outputs == "dense":  # the chosen experts are the nonzero weights
+        rule = router.rule
+        if rule.outputs == "logits":  # the MoE block chooses: its experts' inputs are rewritten
+            self._pending[layer] = (output, inputs)
+            return None
+        if rule.outputs == "dense":  # the chosen experts are the nonzero weights
             dense, first = output
             weights, indices = dense.topk(router.top_k, dim=-1)
         else:
-            first, weights, indices = output
+            first, weights, indices = output[:3]
+        if rule.shared is not None:  # the shared experts' weights follow the routed ones'
+            weights = torch.cat([weights, output[3]], dim=1)
+        weights, indices = self._route(layer, router, first, weights, indices, inputs)
+        if rule.outputs == "dense":
+            return torch.zeros_like(dense).scatter_add(1, indices, weights.to(dense.dtype)), first
+        if rule.shared is not None:
+            return first, weights[:, : indices.shape[1]], indices, weights[:, indices.shape[1] :]
+        return first, weights, indices, *output[3:]
+
+    def _experts_hook(self, layer: int, module, args):
+        """outputs="logits": the MoE block calls its experts with (hidden, indices, weights)."""
+        (first, inputs), self._pending[layer] = self._pending[layer], None
+        hidden, indices, weights = args[:3]
+        weights, indices = self._route(layer, self.routers[layer], first, weights, indices, inputs)
+        return hidden, indices, weights, *args[3:]
+
+    def _route(self, layer: int, router: Router, first, weights, indices, inputs):
+        """The (weights, indices) the mode gives, from the router's first output and its own choice."""
+        rule = router.rule
         # Every rule works on logits; log-probabilities are logits of the same softmax.
-        logits = first.log() if router.rule.returns == "probabilities" else first
+        logits = first.log() if rule.returns == "probabilities" else first
         if self._num_tokens is not None and logits.shape[0] != self._num_tokens:
             raise RuntimeError(
                 f"sequences() was given a mask of {self._num_tokens} tokens, the forward has {logits.shape[0]}"
             )
+        shared = None
+        if rule.shared is not None:  # the shared experts' logits: the last rows of the router's weight
+            weight = router.module.weight
+            hidden = inputs[0].reshape(-1, weight.shape[1]).float()
+            shared = F.linear(hidden, weight[-router.attribute(rule.shared) :].float())
         mode = self.config.mode
         self.selection_biases[layer] = selection_bias(router, inputs)
         if mode == "ka":
-            weights, indices = self._ka(layer, router, logits, weights, indices)
+            weights, indices = self._ka(layer, router, logits, shared, weights, indices)
         elif mode == "all":
             indices = torch.arange(router.num_experts, device=logits.device).expand(logits.shape[0], -1)
-            weights = family_weights(router, logits, indices)
+            weights = family_weights(router, logits, indices, shared_logits=shared)
         elif mode == "top_p":
             indices, keep = top_p_experts(logits, self.config.top_p)
-            weights = family_weights(router, logits, indices, keep)
+            weights = family_weights(router, logits, indices, keep, shared)
         if layer == 0:  # a new forward starts
             self.router_logits = []
             self._chosen_real = self._real
         if self.record_logits:
             self.router_logits.append(logits)
         self._chosen[layer] = indices.detach()
-        if router.rule.outputs == "dense":
-            return torch.zeros_like(dense).scatter_add(1, indices, weights.to(dense.dtype)), first
-        return first, weights, indices
+        if rule.skip_class:  # the no-op expert: weight 0, index 0, as the router leaves it
+            skip = indices == router.num_experts - 1
+            weights = weights.masked_fill(skip, 0.0)
+            indices = indices.masked_fill(skip, 0)
+        return weights, indices
 
-    def _ka(self, layer: int, router: Router, logits, weights, indices):
+    def _ka(self, layer: int, router: Router, logits, shared, weights, indices):
         if self._draws is None:
             raise RuntimeError("ka routing needs each forward inside `with hooks.sequences(...)`")
         rows, noise = self._draws[layer]
         k_s = self.config.k_s or router.top_k
         if k_s != router.top_k:
             indices = top_experts(router, logits, k_s, self.selection_biases[layer])
-            weights = family_weights(router, logits, indices)
+            weights = family_weights(router, logits, indices, shared_logits=shared)
         if rows.numel() == 0:
             return weights, indices
         # Gumbel-top-k on the logits: log-softmax only shifts each row by a constant.
         picked = (logits[rows].float() + noise).topk(k_s, dim=-1).indices
         indices = indices.index_put((rows,), picked)
-        weights = weights.index_put((rows,), family_weights(router, logits[rows], picked))
+        sampled_shared = None if shared is None else shared[rows]
+        weights = weights.index_put((rows,), family_weights(router, logits[rows], picked, shared_logits=sampled_shared))
         return weights, indices
 
     def expert_load(self) -> torch.Tensor:

@@ -35,7 +35,7 @@ from pipeline.cache_format import Manifest, sampled, verify_cache
 from pipeline.capture import teacher_topk
 from pipeline.data import PreparedData
 from pipeline.errors import MoekdError
-from pipeline.logprobs import target_logprobs
+from pipeline.logprobs import target_logprobs, vocab_size
 from pipeline.config import config_hash
 from pipeline.models import load_model, load_tokenizer, model_identity, tokenizer_fingerprint
 from pipeline.reader import CacheShards, PreparedShards
@@ -43,11 +43,6 @@ from pipeline.routing import RoutingConfig, RoutingHooks
 
 # What a model must agree with: a directory -> (its tokenizer fingerprint, its vocabulary size or None).
 MadeWith = dict[str, tuple[str | None, int | None]]
-
-
-def vocab_size(model) -> int:
-    """The number of rows of the model's output embeddings: the ids its distributions range over."""
-    return model.get_output_embeddings().weight.shape[0]
 
 
 def check_tokenizer(who: str, path, tokenizer, vocabulary: int | None, made_with: MadeWith) -> None:

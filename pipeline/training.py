@@ -51,14 +51,14 @@ from pipeline.evaluation import cache_kl, response_loss
 from pipeline.files import (
     FileLock, atomic_directory, atomic_write_bytes, atomic_write_json, read_json, remove_stale_directories,
 )
-from pipeline.logprobs import target_hidden, vocab_logprobs
+from pipeline.logprobs import target_hidden, vocab_logprobs, vocab_size
 from pipeline.losses import LossConfig, distillation_loss
 from pipeline.models import (
     load_config, load_model, load_tokenizer, model_identity, pad_token_id, resolve_device, save_model,
 )
 from pipeline.reader import Reader
 from pipeline.seeding import derive_seed, rng_state, seed_everything, set_rng_state
-from pipeline.teacher import MadeWith, cache_inputs, cache_made_with, check_tokenizer, content, vocab_size
+from pipeline.teacher import MadeWith, cache_inputs, cache_made_with, check_tokenizer, content
 
 TRAINER_STATE = "trainer.pt"
 CHECKPOINT_NAME = re.compile(r"step-(\d{8})")

@@ -37,12 +37,13 @@ from pipeline.data import PreparedData
 from pipeline.distributed import owned, worker_slot
 from pipeline.errors import MoekdError
 from pipeline.files import remove_stale_temporaries, sha256_file
+from pipeline.logprobs import vocab_size
 from pipeline.models import (
     honours_remote_code, load_model, load_tokenizer, model_identity, pad_token_id, resolve_device, resolve_dtype,
 )
 from pipeline.routers import apply_routers
 from pipeline.routing import RoutingConfig, RoutingHooks
-from pipeline.teacher import check_tokenizer, vocab_size
+from pipeline.teacher import check_tokenizer
 
 
 @dataclass

@@ -513,9 +513,55 @@ CONFIGS = {
         "split_ngram_parts": 4,
         "heads_per_ngram": 2,
     },
+    "dbrx": {
+        "d_model": 64,
+        "n_heads": 4,
+        "n_layers": 2,
+        "max_seq_len": 128,
+        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2},
+    },
+    # without its hash-routed layers (their token-id table has k columns); tests/test_families.py checks them
+    "deepseek_v4": {
+        **_BASE,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "q_lora_rank": 16,
+        "moe_intermediate_size": 32,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "o_groups": 2,
+        "o_lora_rank": 16,
+        "index_n_heads": 2,
+        "index_head_dim": 16,
+        "index_topk": 8,
+        "sliding_window": 8,
+        "mlp_layer_types": ["moe", "moe"],
+    },
+    "inkling_text": {
+        **_BASE,
+        "head_dim": 16,
+        "swa_num_attention_heads": 4,
+        "swa_num_key_value_heads": 2,
+        "swa_head_dim": 16,
+        "sliding_window_size": 8,
+        "moe_intermediate_size": 32,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "n_shared_experts": 1,
+    },
+    "phimoe": {**_BASE, "num_local_experts": 4, "num_experts_per_tok": 2},
     "sarvam_mla": {**_BASE, **_MLA, **_DEEPSEEK, "moe_intermediate_size": 32, "first_k_dense_replace": 1},
     "sarvam_moe": {**_BASE, **_DEEPSEEK, "head_dim": 16, "moe_intermediate_size": 32, "first_k_dense_replace": 1},
     "solar_open": {**_BASE, **_DEEPSEEK, "head_dim": 16, "moe_intermediate_size": 32},
+    "zaya": {  # one expert per token (the only k its config accepts), and a no-op fifth class
+        **_BASE,
+        "head_dim": 16,
+        "moe_intermediate_size": 32,
+        "num_experts": 4,
+        "num_experts_per_tok": 1,
+        "router_hidden_size": 16,
+    },
 }
 
 # The config key of the experts per token, where it is not `num_experts_per_tok`.
@@ -526,7 +572,10 @@ K_KEYS = {
     "hunyuan_v1_moe": "moe_topk",
     "bailing_hybrid": "num_experts_per_token",
     "kimi_linear": "num_experts_per_token",
+    "dbrx": "ffn_config.moe_top_k",
 }
+# Families whose config accepts only its own k: the model with k = E sets k on its routers instead.
+ONLY_ITS_K = {"zaya"}
 # The config key of the number of expert groups, where it is not `n_group`.
 GROUP_KEYS = {"bailing_hybrid": "num_expert_group", "kimi_linear": "num_expert_group"}
 
@@ -539,7 +588,12 @@ for _config in CONFIGS.values():  # latent attention expands keys and values to 
 def with_k(family: str, k: int) -> dict:
     """The family's tiny config with `k` experts per token and no group limit (every group eligible)."""
     config = dict(CONFIGS[family])
-    config[K_KEYS.get(family, "num_experts_per_tok")] = k
+    *sections, key = K_KEYS.get(family, "num_experts_per_tok").split(".")
+    section = config
+    for name in sections:
+        section[name] = dict(section[name])
+        section = section[name]
+    section[key] = k
     if "topk_group" in config:
         config["topk_group"] = config[GROUP_KEYS.get(family, "n_group")]
     return config

@@ -21,7 +21,15 @@ import fixtures
 from pipeline.errors import MoekdError
 from pipeline.logprobs import target_hidden, vocab_logits
 from pipeline.models import causal_lm_class
-from pipeline.routing import RULES, UNSUPPORTED, RoutingConfig, RoutingHooks, families_table, find_routers
+from pipeline.routing import (
+    RULES,
+    UNSUPPORTED,
+    RoutingConfig,
+    RoutingHooks,
+    families_table,
+    family_weights,
+    find_routers,
+)
 from pipeline.sar import train_routers_only
 from test_routing import inclusion_probabilities
 
@@ -31,11 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 def build(family: str, settings: dict, state: dict | None = None):
     """A tiny random model of `family` (seeded; routers and selection biases given real spread), or
     with `state`'s weights."""
-    config = AutoConfig.for_model(family, vocab_size=fixtures.VOCAB_SIZE, pad_token_id=0, bos_token_id=1,
-                                  eos_token_id=2, **settings)
-    torch.manual_seed(0)
-    cls = causal_lm_class(config)
-    model = (cls.from_config(config) if cls is AutoModelForCausalLM else cls(config)).float().eval()
+    model = untouched(family, settings)
     if state is not None:
         model.load_state_dict(state)
         return model
@@ -51,6 +55,15 @@ def build(family: str, settings: dict, state: dict | None = None):
     return model
 
 
+def untouched(family: str, settings: dict):
+    """A tiny random model of `family` as transformers initialises it (seeded)."""
+    config = AutoConfig.for_model(family, vocab_size=fixtures.VOCAB_SIZE, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2, **settings)
+    torch.manual_seed(0)
+    cls = causal_lm_class(config)
+    return (cls.from_config(config) if cls is AutoModelForCausalLM else cls(config)).float().eval()
+
+
 @contextlib.contextmanager
 def routed(routers):
     """Per forward and MoE layer, the (N, E) experts each token is routed to, as the hooks left them."""
@@ -60,17 +73,34 @@ def routed(routers):
         if router.rule.outputs == "dense":
             calls.append(output[0] > 0)
             return
-        _, weights, indices = output
-        used = torch.zeros(indices.shape[0], router.num_experts).scatter_add_(1, indices, (weights > 0).float())
-        calls.append(used > 0)
+        weights, indices = output[1:3]
+        if router.rule.skip_class:  # the no-op class reaches the experts as index 0 at weight 0, after any real 0
+            zero = indices == 0
+            skip = zero & (weights == 0) & ((zero.cumsum(1) > 1) | (indices.shape[1] == 1))
+            indices = indices.masked_fill(skip, router.num_experts - 1)
+        calls.append(torch.zeros(indices.shape[0], router.num_experts, dtype=torch.bool).scatter_(1, indices, True))
 
-    # Registered after RoutingHooks' own hook, so it sees the rewritten routing.
-    handles = [r.module.register_forward_hook(partial(grab, r)) for r in routers]
+    def grab_experts_inputs(router, module, args):  # outputs="logits": the MoE block's call of its experts
+        grab(router, module, None, (None, args[2], args[1]))
+
+    # Registered after RoutingHooks' own hooks, so it sees the rewritten routing.
+    handles = [r.block.experts.register_forward_pre_hook(partial(grab_experts_inputs, r))
+               if r.rule.outputs == "logits" else r.module.register_forward_hook(partial(grab, r)) for r in routers]
     try:
         yield calls
     finally:
         for handle in handles:
             handle.remove()
+
+
+def with_every_expert(family: str, model, num_experts: int):
+    """`model` with k = E (its weights; no group limit)."""
+    if family not in family_configs.ONLY_ITS_K:
+        return build(family, family_configs.with_k(family, num_experts), model.state_dict())
+    reference = build(family, family_configs.CONFIGS[family], model.state_dict())
+    for router in find_routers(reference):
+        router.module.top_k = num_experts
+    return reference
 
 
 def router_weights(routers):
@@ -87,7 +117,7 @@ def test_family_conformance(family, encode, texts):
     model = build(family, family_configs.CONFIGS[family])
     routers = find_routers(model)
     num_experts, top_k = routers[0].num_experts, routers[0].top_k
-    assert top_k == 2 and len({(r.num_experts, r.top_k) for r in routers}) == 1
+    assert top_k == (1 if family == "zaya" else 2) and len({(r.num_experts, r.top_k) for r in routers}) == 1
     ids, mask = encode(texts[:4])
     forward = lambda m: m(input_ids=ids, attention_mask=mask).logits  # noqa: E731
     with torch.no_grad():
@@ -99,12 +129,16 @@ def test_family_conformance(family, encode, texts):
         with RoutingHooks(model, RoutingConfig(mode="ka", lam=0.0)) as routing, routing.sequences(
                 [0, 1, 2, 3], 0, mask):
             assert torch.equal(forward(model), expected)
-        with RoutingHooks(model, RoutingConfig(mode="all")), routed(routers) as calls:
-            every = forward(model)
-        reference = build(family, family_configs.with_k(family, num_experts), model.state_dict())
-        torch.testing.assert_close(every, forward(reference), rtol=1e-5, atol=1e-5)
-        assert len(calls) == len(routers) and all(used.all() for used in calls)
-        assert not torch.allclose(every, expected, atol=1e-4)
+        if routers[0].rule.fixed_k is not None:
+            with pytest.raises(MoekdError, match=f"takes exactly its {top_k} experts per token"):
+                RoutingHooks(model, RoutingConfig(mode="all"))
+        else:
+            with RoutingHooks(model, RoutingConfig(mode="all")), routed(routers) as calls:
+                every = forward(model)
+            torch.testing.assert_close(every, forward(with_every_expert(family, model, num_experts)),
+                                       rtol=1e-5, atol=1e-5)
+            assert len(calls) == len(routers) and all(used.all() for used in calls)
+            assert not torch.allclose(every, expected, atol=1e-4)
 
     # KA, λ = 1, flatter routers so that every expert is drawn: inclusion frequencies per expert.
     with torch.no_grad():
@@ -132,7 +166,7 @@ def test_family_conformance(family, encode, texts):
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainable = train_routers_only(model, routers)
     optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
-    with RoutingHooks(model, RoutingConfig(mode="all")):
+    with RoutingHooks(model, RoutingConfig(mode="topk" if routers[0].rule.fixed_k else "all")):
         logits = model(input_ids=ids, attention_mask=mask).logits
     F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
     optimizer.step()
@@ -155,3 +189,57 @@ def test_a_rule_that_holds_for_one_setting_refuses_the_others():
     with pytest.raises(MoekdError, match="expert_selection_fn='sigmoid' is not supported: moekd describes its "
                                          "routing with expert_selection_fn='softmax' only"):
         find_routers(AutoModelForCausalLM.from_config(config))
+
+
+def test_deepseek_v4s_hash_routed_layers_keep_their_token_id_experts_in_every_mode(encode, texts):
+    settings = family_configs.CONFIGS["deepseek_v4"] | {"mlp_layer_types": ["hash_moe", "moe"]}
+    model = build("deepseek_v4", settings)
+    hashed = model.model.layers[0].mlp.gate
+    assert type(hashed).__name__ == "DeepseekV4HashRouter" and [r.name for r in find_routers(model)] == [
+        "model.layers.1.mlp.gate"]
+    with torch.no_grad():
+        torch.nn.init.normal_(hashed.weight, std=1.0)
+        hashed.tid2eid.copy_(torch.randint(0, 4, hashed.tid2eid.shape))
+    ids, mask = encode(texts[:4])
+    seen = []
+    handle = hashed.register_forward_hook(lambda module, inputs, output: seen.append(output[1:]))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        with RoutingHooks(model, RoutingConfig(mode="all")):
+            model(input_ids=ids, attention_mask=mask)
+        with RoutingHooks(model, RoutingConfig(mode="ka", lam=1.0)) as routing, routing.sequences(
+                [0, 1, 2, 3], 0, mask):
+            model(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    (weights, indices), *others = seen
+    assert all(torch.equal(weights, w) and torch.equal(indices, i) for w, i in others)
+    assert torch.equal(indices, hashed.tid2eid[ids.reshape(-1)])
+
+
+def test_a_family_that_takes_exactly_its_k_weighs_its_own_choice_as_it_does_and_refuses_another_k_s(encode, texts):
+    # a wide jitter threshold, so that several experts share most tokens' weights
+    model = build("phimoe", family_configs.CONFIGS["phimoe"] | {"router_jitter_noise": 0.5})
+    routers = find_routers(model)
+    outputs = []
+    handles = [r.module.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+               for r in routers]
+    ids, mask = encode(texts[:4])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for handle in handles:
+        handle.remove()
+    for router, (logits, weights, indices) in zip(routers, outputs, strict=True):
+        # the sparsemixer's two picks: the best expert, then the best of the rest, each weighed within its
+        # jitter threshold
+        assert (weights < 0.99).float().mean() > 0.25
+        torch.testing.assert_close(family_weights(router, logits, indices), weights, rtol=0, atol=0)
+    with pytest.raises(MoekdError, match=r"'phimoe' takes exactly its 2 experts per token \(sparsemixer weighs "
+                                         r"exactly two experts\): routing.mode=ka with k_s=3"):
+        RoutingHooks(model, RoutingConfig(mode="ka", k_s=3))
+    RoutingHooks(model, RoutingConfig(mode="ka", k_s=2)).remove()
+
+
+def test_a_family_with_a_rule_but_none_of_its_routers_is_refused_with_the_reason():
+    settings = family_configs.CONFIGS["deepseek_v4"] | {"mlp_layer_types": ["hash_moe", "hash_moe"]}
+    with pytest.raises(MoekdError, match="none of its layers routes with a DeepseekV4TopKRouter"):
+        RoutingHooks(untouched("deepseek_v4", settings), RoutingConfig(mode="ka"))

@@ -263,12 +263,13 @@ def test_dense_model_is_refused(student_dir):
 
 
 def test_unsupported_moe_family_is_refused_with_its_reason():
-    phimoe = AutoConfig.for_model(
-        "phimoe", vocab_size=fixtures.VOCAB_SIZE, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    doge = AutoConfig.for_model(
+        "doge", vocab_size=fixtures.VOCAB_SIZE, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, is_moe=True, num_experts=16, num_experts_per_tok=2,
     )
-    with pytest.raises(MoekdError, match="'phimoe' is an MoE family moekd does not support: sparsemixer"):
-        find_routers(AutoModelForCausalLM.from_config(phimoe))
+    with pytest.raises(MoekdError, match="'doge' is an MoE family moekd does not support: routing is computed "
+                                         "inside the MoE block"):
+        find_routers(AutoModelForCausalLM.from_config(doge))
 
 
 @pytest.mark.parametrize(
