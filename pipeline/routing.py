@@ -72,13 +72,13 @@ class Rule:
     # one per expert)
     floor: str | None = None  # router attribute: the least the renormalising sum is divided by (a clamp)
     select_by: Literal["score", "logits"] = "score"  # what the bias is added to, to rank the experts
-    float32: bool = False  # weights stay float32 (else: cast back to the logits' dtype)
     requires: tuple[tuple[str, object], ...] = ()  # config settings (dotted paths) this rule holds for
     returns: Literal["logits", "probabilities"] = "logits"  # the first of the router's outputs
     # the router's outputs: (logits, weights, indices, *passed on), or (dense (N, E) weights, zero where not
     # chosen; logits), or its logits alone, the MoE block choosing and calling `block.experts(hidden, indices,
-    # weights)`, whose inputs the hooks rewrite
-    outputs: Literal["chosen", "dense", "logits"] = "chosen"
+    # weights)`, whose inputs the hooks rewrite, or JetMoE's (slot order, token per slot, weight per slot,
+    # slots per expert, logits), the token-slots sorted by expert
+    outputs: Literal["chosen", "dense", "logits", "grouped"] = "chosen"
     # router attributes (dotted paths; `block.` for its MoE block's) holding its expert count and its k
     experts: str = "num_experts"
     top_k: str = "top_k"
@@ -90,11 +90,11 @@ class Rule:
     fixed_k: str | None = None  # why the family takes exactly its k experts (all, top_p and other k_s refused)
 
 
-_MIXTRAL = Rule("", float32=True)
+_MIXTRAL = Rule("")
 _QWEN = Rule("", renormalize="norm_topk_prob")
 _CHOSEN = Rule("", over="chosen")
 _DEEPSEEK_V3 = Rule("", score="sigmoid", renormalize="norm_topk_prob", epsilon=1e-20,
-                    bias="e_score_correction_bias", scale="routed_scaling_factor", float32=True)
+                    bias="e_score_correction_bias", scale="routed_scaling_factor")
 
 
 def _rules(base: Rule, **routers: str) -> dict[str, Rule]:
@@ -113,7 +113,7 @@ RULES: dict[str, Rule] = {
     **_rules(_CHOSEN, gpt_oss="GptOssTopKRouter", granitemoe="GraniteMoeTopKRouter",
              granitemoe_swa="GraniteMoeSWATopKRouter", granitemoeshared="GraniteMoeSharedTopKRouter",
              granitemoehybrid="GraniteMoeHybridTopKRouter", aria_text="AriaTextTopKRouter"),
-    **_rules(Rule("", renormalize=False, scale="routed_scaling_factor", float32=True),
+    **_rules(Rule("", renormalize=False, scale="routed_scaling_factor"),
              deepseek_v2="DeepseekV2TopkRouter"),
     **_rules(_DEEPSEEK_V3, deepseek_v3="DeepseekV3TopkRouter", sarvam_mla="DeepseekV3TopkRouter",
              deepseek_v32="DeepseekV32TopkRouter", glm4_moe="Glm4MoeTopkRouter", sarvam_moe="Glm4MoeTopkRouter",
@@ -129,7 +129,7 @@ RULES: dict[str, Rule] = {
              minimax_m2="MiniMaxM2TopKRouter"),
     **_rules(replace(_DEEPSEEK_V3, renormalize=True, bias=1, scale="router_scaling_factor"), hy_v3="HYV3TopKRouter"),
     **_rules(replace(_DEEPSEEK_V3, renormalize=True, bias=1, scale="route_scale"), afmoe="AfmoeTokenChoiceRouter"),
-    **_rules(replace(_DEEPSEEK_V3, epsilon=1e-6, bias=1, float32=False), lfm2_moe="Lfm2MoeTopKRouter"),
+    **_rules(replace(_DEEPSEEK_V3, epsilon=1e-6, bias=1), lfm2_moe="Lfm2MoeTopKRouter"),
     **_rules(replace(_DEEPSEEK_V3, renormalize=True, epsilon=0.0, scale=None),  # its MoE block scales the output
              minimax_m3_vl_text="MiniMaxM3VLTopKRouter"),
     **_rules(replace(_DEEPSEEK_V3, renormalize=True, requires=(("scoring_func", "sigmoid"),)),
@@ -137,17 +137,17 @@ RULES: dict[str, Rule] = {
     **_rules(replace(_CHOSEN, requires=(("expert_selection_fn", "softmax"),)), cohere2_moe="Cohere2MoeTopKRouter"),
     **_rules(Rule("", floor="norm_min", bias="moe_statics.e_score_correction_bias"),
              ernie4_5_moe="Ernie4_5_MoeTopKRouter"),
-    **_rules(Rule("", scale="per_expert_scale", float32=True, returns="probabilities", experts="config.num_experts",
+    **_rules(Rule("", scale="per_expert_scale", returns="probabilities", experts="config.num_experts",
                   top_k="config.top_k_experts"), gemma4_text="Gemma4TextRouter"),
     **_rules(Rule("", score="sigmoid", renormalize=False, outputs="dense"), llama4_text="Llama4Router"),
     # its router soft-caps the logits it returns; its MoE block scales the output
-    **_rules(replace(_DEEPSEEK_V3, renormalize=True, epsilon=0.0, scale=None, float32=False),
+    **_rules(replace(_DEEPSEEK_V3, renormalize=True, epsilon=0.0, scale=None),
              laguna="LagunaTopKRouter"),
     **_rules(replace(_DEEPSEEK_V3, epsilon=0.0, scale=None, select_by="logits"), kolibri1="Kolibri1TopKRouter"),
     **_rules(Rule("", renormalize="norm_topk_prob", epsilon=1e-20, scale="routed_scaling_factor"),
              mistral4="Mistral4TopkRouter"),
     # its hash-routed layers (DeepseekV4HashRouter: experts looked up by token id) keep their choice in every mode
-    **_rules(replace(_DEEPSEEK_V3, score="sqrtsoftplus", renormalize=True, float32=False),
+    **_rules(replace(_DEEPSEEK_V3, score="sqrtsoftplus", renormalize=True),
              deepseek_v4="DeepseekV4TopKRouter"),
     **_rules(Rule("", renormalize=False, bias="balancing_biases", experts="num_router_classes", skip_class=True),
              zaya="ZayaRouter"),
@@ -155,6 +155,8 @@ RULES: dict[str, Rule] = {
                   requires=(("ffn_config.moe_normalize_expert_weights", 1),)), dbrx="DbrxRouter"),
     **_rules(Rule("", sparsemixer="router_jitter_noise", fixed_k="sparsemixer weighs exactly two experts"),
              phimoe="PhimoeTopKRouter"),
+    **_rules(replace(_CHOSEN, outputs="grouped", fixed_k="its attention experts take exactly k per token"),
+             jetmoe="JetMoeTopKGating"),
     **_rules(Rule("", score="sigmoid", bias="e_score_correction_bias", scale=("route_scale", "global_scale"),
                   shared="n_shared_experts"), inkling_text="InklingTopkRouter"),
     # its zero-compute experts (identity outputs) are routed like the others: n_routed_experts counts them
@@ -176,7 +178,6 @@ UNSUPPORTED: dict[str, str] = {
     **dict.fromkeys(["inkling2_loop", "inkling2_loop_text"], "its looped block calls each router several times "
                     "per forward; routing hooks take one call per router and forward"),
     "doge": "routing is computed inside the MoE block, with no router module to hook",
-    "jetmoe": "its router returns five values and also routes the attention experts",
     "openai_privacy_filter": "a bidirectional encoder, not a causal language model",
     "switch_transformers": "an encoder-decoder model",
     "nllb-moe": "an encoder-decoder model",
@@ -188,8 +189,8 @@ def families_table() -> str:
     groups: dict[tuple, list[str]] = {}
     for name, rule in sorted(RULES.items()):
         groups.setdefault(dataclasses.astuple(replace(rule, router="")), []).append(name)
-    lines = ["| families (model_type) | weights from | renormalised over the chosen | selection bias | scale | dtype |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| families (model_type) | weights from | renormalised over the chosen | selection bias | scale |",
+             "|---|---|---|---|---|"]
     for key, names in sorted(groups.items(), key=lambda item: item[1][0]):
         rule = Rule(*key)
         source = f"{rule.score} over the chosen logits" if rule.over == "chosen" else f"{rule.score} over all experts"
@@ -217,7 +218,7 @@ def families_table() -> str:
             bias += ", added to the logits"
         scale = " × ".join(f"`{name}`" for name in ((rule.scale,) if isinstance(rule.scale, str) else rule.scale or ()))
         lines.append(f"| {', '.join(names)}{settings} | {source} | {renormalize} | {bias} "
-                     f"| {scale or '—'} | {'float32' if rule.float32 else 'the logits'} |")
+                     f"| {scale or '—'} |")
     return "\n".join(lines)
 
 
@@ -353,7 +354,7 @@ def family_weights(router: Router, logits: torch.Tensor, indices: torch.Tensor, 
     for name in (rule.scale,) if isinstance(rule.scale, str) else rule.scale or ():
         scale = router.attribute(name)  # a factor, or one per expert
         weights = weights * (scale[indices] if torch.is_tensor(scale) and scale.numel() > 1 else scale)
-    return weights if rule.float32 else weights.to(logits.dtype)
+    return weights
 
 
 def expert_scores(rule: Rule, logits: torch.Tensor) -> torch.Tensor:
@@ -417,6 +418,42 @@ def top_p_experts(logits: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.T
     return torch.where(keep, order, order[:, :1]), keep
 
 
+def routing_of(router: Router, output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(first output, weights (N, w), indices (N, w)) of a router's `output` (`Rule.outputs`); with `shared`,
+    the shared experts' weights follow the routed ones'."""
+    rule = router.rule
+    if rule.outputs == "dense":  # the chosen experts are the nonzero weights
+        dense, first = output
+        weights, indices = dense.topk(router.top_k, dim=-1)
+        return first, weights, indices
+    if rule.outputs == "grouped":  # JetMoE: slots sorted by expert, each naming its flat (token, slot) place
+        order, _, gates, sizes, logits = output
+        experts = torch.repeat_interleave(torch.arange(len(sizes), device=order.device),
+                                          torch.tensor(sizes, device=order.device))
+        shape = (logits.shape[0], router.top_k)
+        indices = torch.empty_like(order).index_put_((order,), experts).view(shape)
+        return logits, gates.new_empty(order.shape).index_put_((order,), gates).view(shape), indices
+    first, weights, indices = output[:3]
+    if rule.shared is not None:
+        weights = torch.cat([weights, output[3]], dim=1)
+    return first, weights, indices
+
+
+def with_routing(router: Router, output, weights: torch.Tensor, indices: torch.Tensor):
+    """The router's `output` (`Rule.outputs`) carrying `weights` and `indices` instead of its own."""
+    rule, width = router.rule, indices.shape[1]
+    if rule.outputs == "dense":
+        dense, first = output
+        return torch.zeros_like(dense).scatter_add(1, indices, weights.to(dense.dtype)), first
+    if rule.outputs == "grouped":  # as the router groups them
+        _, order = indices.flatten().sort(0)
+        sizes = torch.bincount(indices.flatten(), minlength=router.num_experts).tolist()
+        return order, order.div(width, rounding_mode="trunc"), weights.flatten()[order], sizes, output[4]
+    if rule.shared is not None:
+        return output[0], weights[:, :width], indices, weights[:, width:]
+    return output[0], weights, indices, *output[3:]
+
+
 def gumbel(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
     """Standard Gumbel noise; top-k of logits + noise samples k without replacement."""
     u = torch.rand(shape, generator=g).clamp_min(torch.finfo(torch.float32).tiny)
@@ -450,7 +487,8 @@ class RoutingHooks:
                                  f"({router.rule.fixed_k}): routing.mode={config.mode} with k_s={config.k_s} "
                                  "would change that; use topk, or ka with k_s null")
         self.record_logits = False
-        self.router_logits: list[torch.Tensor] = []
+        self.router_logits: list[torch.Tensor | None] = [None] * len(self.routers)  # in the routers' order
+        self._seen: set[int] = set(range(len(self.routers)))  # routers that ran in the current forward
         self.selection_biases: list[torch.Tensor | None] = [None] * len(self.routers)  # of the last forward
         self._draws = None  # per layer: (flat token rows to sample, their Gumbel noise)
         self._real = None  # (B*L,) bool, real tokens of the batch in `sequences`
@@ -517,23 +555,12 @@ class RoutingHooks:
 
     def _hook(self, layer: int, module, inputs, output):
         router = self.routers[layer]
-        rule = router.rule
-        if rule.outputs == "logits":  # the MoE block chooses: its experts' inputs are rewritten
+        if router.rule.outputs == "logits":  # the MoE block chooses: its experts' inputs are rewritten
             self._pending[layer] = (output, inputs)
             return None
-        if rule.outputs == "dense":  # the chosen experts are the nonzero weights
-            dense, first = output
-            weights, indices = dense.topk(router.top_k, dim=-1)
-        else:
-            first, weights, indices = output[:3]
-        if rule.shared is not None:  # the shared experts' weights follow the routed ones'
-            weights = torch.cat([weights, output[3]], dim=1)
+        first, weights, indices = routing_of(router, output)
         weights, indices = self._route(layer, router, first, weights, indices, inputs)
-        if rule.outputs == "dense":
-            return torch.zeros_like(dense).scatter_add(1, indices, weights.to(dense.dtype)), first
-        if rule.shared is not None:
-            return first, weights[:, : indices.shape[1]], indices, weights[:, indices.shape[1] :]
-        return first, weights, indices, *output[3:]
+        return with_routing(router, output, weights, indices)
 
     def _experts_hook(self, layer: int, module, args):
         """outputs="logits": the MoE block calls its experts with (hidden, indices, weights)."""
@@ -544,7 +571,7 @@ class RoutingHooks:
 
     def _route(self, layer: int, router: Router, first, weights, indices, inputs):
         """The (weights, indices) the mode gives, from the router's first output and its own choice."""
-        rule = router.rule
+        rule, own_dtype = router.rule, weights.dtype  # the family's own arithmetic ends in its dtype
         # Every rule works on logits; log-probabilities are logits of the same softmax.
         logits = first.log() if rule.returns == "probabilities" else first
         if self._num_tokens is not None and logits.shape[0] != self._num_tokens:
@@ -566,17 +593,19 @@ class RoutingHooks:
         elif mode == "top_p":
             indices, keep = top_p_experts(logits, self.config.top_p)
             weights = family_weights(router, logits, indices, keep, shared)
-        if layer == 0:  # a new forward starts
-            self.router_logits = []
+        if layer in self._seen:  # a new forward starts (routers may run in another order than found)
+            self._seen.clear()
+            self.router_logits = [None] * len(self.routers)
             self._chosen_real = self._real
+        self._seen.add(layer)
         if self.record_logits:
-            self.router_logits.append(logits)
+            self.router_logits[layer] = logits
         self._chosen[layer] = indices.detach()
         if rule.skip_class:  # the no-op expert: weight 0, index 0, as the router leaves it
             skip = indices == router.num_experts - 1
             weights = weights.masked_fill(skip, 0.0)
             indices = indices.masked_fill(skip, 0)
-        return weights, indices
+        return weights.to(own_dtype), indices
 
     def _ka(self, layer: int, router: Router, logits, shared, weights, indices):
         if self._draws is None:

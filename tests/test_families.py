@@ -29,6 +29,7 @@ from pipeline.routing import (
     families_table,
     family_weights,
     find_routers,
+    routing_of,
 )
 from pipeline.sar import train_routers_only
 from test_routing import inclusion_probabilities
@@ -67,25 +68,27 @@ def untouched(family: str, settings: dict):
 @contextlib.contextmanager
 def routed(routers):
     """Per forward and MoE layer, the (N, E) experts each token is routed to, as the hooks left them."""
-    calls = []
+    calls = [None] * len(routers)  # in the routers' order, which need not be the order they run in
 
-    def grab(router, module, inputs, output):
-        if router.rule.outputs == "dense":
-            calls.append(output[0] > 0)
+    def grab(layer, module, inputs, output):
+        router = routers[layer]
+        if router.rule.outputs == "dense":  # every expert it weighs
+            calls[layer] = output[0] > 0
             return
-        weights, indices = output[1:3]
+        _, weights, indices = routing_of(router, output)
         if router.rule.skip_class:  # the no-op class reaches the experts as index 0 at weight 0, after any real 0
             zero = indices == 0
             skip = zero & (weights == 0) & ((zero.cumsum(1) > 1) | (indices.shape[1] == 1))
             indices = indices.masked_fill(skip, router.num_experts - 1)
-        calls.append(torch.zeros(indices.shape[0], router.num_experts, dtype=torch.bool).scatter_(1, indices, True))
+        calls[layer] = torch.zeros(indices.shape[0], router.num_experts, dtype=torch.bool).scatter_(1, indices, True)
 
-    def grab_experts_inputs(router, module, args):  # outputs="logits": the MoE block's call of its experts
-        grab(router, module, None, (None, args[2], args[1]))
+    def grab_experts_inputs(layer, module, args):  # outputs="logits": the MoE block's call of its experts
+        grab(layer, module, None, (None, args[2], args[1]))
 
     # Registered after RoutingHooks' own hooks, so it sees the rewritten routing.
-    handles = [r.block.experts.register_forward_pre_hook(partial(grab_experts_inputs, r))
-               if r.rule.outputs == "logits" else r.module.register_forward_hook(partial(grab, r)) for r in routers]
+    handles = [r.block.experts.register_forward_pre_hook(partial(grab_experts_inputs, layer))
+               if r.rule.outputs == "logits" else r.module.register_forward_hook(partial(grab, layer))
+               for layer, r in enumerate(routers)]
     try:
         yield calls
     finally:
@@ -137,7 +140,7 @@ def test_family_conformance(family, encode, texts):
                 every = forward(model)
             torch.testing.assert_close(every, forward(with_every_expert(family, model, num_experts)),
                                        rtol=1e-5, atol=1e-5)
-            assert len(calls) == len(routers) and all(used.all() for used in calls)
+            assert all(used.all() for used in calls)
             assert not torch.allclose(every, expected, atol=1e-4)
 
     # KA, λ = 1, flatter routers so that every expert is drawn: inclusion frequencies per expert.
@@ -153,7 +156,7 @@ def test_family_conformance(family, encode, texts):
         for sample in range(4):
             with routing.sequences(list(range(16)), sample, mask), routed(routers) as calls:
                 model(input_ids=ids, attention_mask=mask)
-            assert len(calls) == len(routing.router_logits) == len(routers)
+            assert all(used is not None for used in calls) and all(x is not None for x in routing.router_logits)
             for layer, (used, logits) in enumerate(zip(calls, routing.router_logits)):
                 incl = inclusion_probabilities(F.softmax(logits.double(), dim=-1)[real], top_k)
                 observed[layer] += used[real].sum(0)
