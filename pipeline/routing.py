@@ -1,9 +1,11 @@
 """MoE routing modes for the teacher, applied by forward hooks on the router modules.
 
-Every supported router returns `(router_logits, weights, indices)` for the
-flattened tokens (B*L, batch-major); the experts module then mixes the chosen
-experts' outputs with the weights. A hook rewrites the last two, so no model
-class is edited:
+Most routers return `(router_logits, weights, indices)` for the flattened
+tokens (B*L, batch-major); the experts module then mixes the chosen experts'
+outputs with the weights. A hook rewrites the last two, so no model class is
+edited; the few routers that hand their choice on otherwise (dense weights,
+expert-sorted slots, logits alone with the MoE block choosing) are read and
+rewritten by `routing_of` / `with_routing` or at their experts' inputs:
 
 - `topk`: the model's own routing, untouched.
 - `ka` (Knowledge Augmentation): per token and layer, with probability λ draw
@@ -17,12 +19,14 @@ family's arithmetic and dtype casts, and stay differentiable in the router
 parameters (SAR trains routers through these hooks).
 
 The families are data: `RULES` describes each supported family's router by a
-few choices (the score the weights are made of, softmax or sigmoid; whether it
-is taken over all experts or over the chosen ones' logits; renormalisation
-over the chosen experts, always, never or behind a flag; a selection-only
-bias; a scaling factor; the weights' dtype), and one implementation serves
-them all. `UNSUPPORTED` names the MoE families of the pinned transformers that
-are refused, each with its reason.
+few choices (the score the weights are made of, softmax, sigmoid or
+sqrt-softplus; whether it is taken over all experts or over the chosen ones'
+logits; renormalisation over the chosen experts, always, never or behind a
+flag, with shared experts or not; a selection-only bias; scaling factors; a
+no-op expert), and one implementation serves them all; PhiMoE's sparsemixer
+is the one rule of its own (`sparsemixer_weights`). Weights end in the dtype
+of the router's own. `UNSUPPORTED` names the MoE families of the pinned
+transformers that are refused, each with its reason.
 
 Choices where a family leaves room:
 - ka with k_s = k keeps the router's own (indices, weights) for tokens that
@@ -175,9 +179,11 @@ UNSUPPORTED: dict[str, str] = {
                      "unlimited_ocr_text", "step3p5", "step3p7", "muse_spark", "muse_spark_text", "ernie4_5_vl_moe",
                      "ernie4_5_vl_moe_text", "diffusion_gemma", "diffusion_gemma_text", "inkling_mm_model"],
                     _NO_CAUSAL_LM),
-    **dict.fromkeys(["inkling2_loop", "inkling2_loop_text"], "its looped block calls each router several times "
-                    "per forward; routing hooks take one call per router and forward"),
-    "doge": "routing is computed inside the MoE block, with no router module to hook",
+    **dict.fromkeys(["inkling2_loop", "inkling2_loop_text"], "its looped layers run each router "
+                    "loop_num_passes times per forward, while the hooks, the KA draws and SAR's recomputation take "
+                    "one call per router and forward"),
+    "doge": "routing is computed inside the MoE block (product-key experts, weights applied in its forward), "
+            "with no router module whose outputs a hook could rewrite",
     "openai_privacy_filter": "a bidirectional encoder, not a causal language model",
     "switch_transformers": "an encoder-decoder model",
     "nllb-moe": "an encoder-decoder model",
