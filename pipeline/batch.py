@@ -55,6 +55,48 @@ class Batch:
         return replace(self, **{name: t if t is None else t.to(device, non_blocking=True) for name, t in tensors.items()})
 
 
+@dataclass
+class Packed:
+    """A batch's rows packed into fewer sequences, for the student's forward: each row keeps its own
+    positions (0, 1, ...) so attention stays within it, and `rows`/`cols` say where each target went."""
+
+    input_ids: torch.Tensor  # (P, L') long
+    position_ids: torch.Tensor  # (P, L') long: restarting at 0 where a row (or the padding at the end) starts
+    rows: torch.Tensor  # (N,) long: the packed sequence of target j
+    cols: torch.Tensor  # (N,) long: its position there
+
+
+def pack(batch: Batch, pack_length: int) -> Packed:
+    """Pack `batch`'s right-padded rows first-fit, longest first, into sequences of at most `pack_length`
+    tokens (a longer row gets one of its own); the packs are padded to the longest."""
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    capacity = max(pack_length, max(lengths, default=0))
+    fills, members = [], []
+    for row in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
+        pack_index = next((p for p, fill in enumerate(fills) if fill + lengths[row] <= capacity), len(fills))
+        if pack_index == len(fills):
+            fills.append(0)
+            members.append([])
+        members[pack_index].append(row)
+        fills[pack_index] += lengths[row]
+    device, width = batch.input_ids.device, max(fills, default=0)
+    input_ids = torch.zeros((len(fills), width), dtype=torch.long, device=device)
+    position_ids = torch.zeros_like(input_ids)
+    pack_of = torch.zeros(len(lengths), dtype=torch.long)
+    offset = torch.zeros(len(lengths), dtype=torch.long)
+    for p, rows in enumerate(members):
+        start = 0
+        for row in rows:
+            n = lengths[row]
+            input_ids[p, start : start + n] = batch.input_ids[row, :n]
+            position_ids[p, start : start + n] = torch.arange(n, device=device)
+            pack_of[row], offset[row] = p, start
+            start += n
+        position_ids[p, start:] = torch.arange(width - start, device=device)  # the padding: a row of its own
+    pack_of, offset = pack_of.to(device), offset.to(device)
+    return Packed(input_ids, position_ids, pack_of[batch.rows], batch.cols + offset[batch.rows])
+
+
 def make_batch(seq_ids: list[int], sequences: list[np.ndarray], positions: list[np.ndarray], pad_id: int) -> Batch:
     """The batch of right-padded `sequences` whose targets follow `positions` (per sequence)."""
     input_ids, attention_mask = padded(sequences, pad_id)

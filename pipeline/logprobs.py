@@ -24,9 +24,13 @@ def decoder(model):
     return model.model if stack is model and hasattr(model, "model") else stack
 
 
-def target_hidden(model, input_ids: Tensor, attention_mask: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """The final hidden states (N, H) at positions (rows[j], cols[j]) of a right-padded batch."""
-    hidden = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+def target_hidden(model, input_ids: Tensor, attention_mask: Tensor | None, rows: Tensor, cols: Tensor,
+                  position_ids: Tensor | None = None) -> Tensor:
+    """The final hidden states (N, H) at positions (rows[j], cols[j]) of a right-padded batch, or of packed
+    rows (`batch.pack`: no attention mask; `position_ids` restart where a row starts, which confines
+    attention to each row)."""
+    hidden = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False)
     return hidden.last_hidden_state[rows.to(input_ids.device), cols.to(input_ids.device)]
 
 

@@ -30,6 +30,7 @@ import json
 import math
 import pickle
 import re
+import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from tqdm import tqdm
 from pipeline.config import to_dict
 from pipeline.distributed import worker_slot
 from pipeline.errors import MoekdError, first_line
-from pipeline.batch import Batch
+from pipeline.batch import Batch, pack
 from pipeline.data import PreparedData
 from pipeline.evaluation import cache_kl, response_loss
 from pipeline.files import (
@@ -110,6 +111,9 @@ class RunConfig:
     shuffle_shards: int = 4  # shards per shuffle window (decoded together)
     shard_size: int = 256  # prepared data without a cache: rows per pseudo-shard
     prefetch: int = 8  # batches the reader thread prepares ahead
+    # the student's forward: a micro-batch's rows packed into sequences of up to this many tokens, each row
+    # attending within itself (null: rows padded to the longest); checked on the student when a run starts
+    pack_length: int | None = None
     seed: int = 0  # data order and every draw the run makes (KA samples, on-policy responses)
     # the run
     max_steps: int | None = None  # optimizer steps (epochs repeat as needed); null: `epochs` passes
@@ -131,7 +135,7 @@ class RunConfig:
         for name in ("batch_size", "epochs", "shuffle_shards", "shard_size", "prefetch", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_max_examples"):
+        for name in ("max_steps", "eval_max_examples", "pack_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1 or null, got {getattr(self, name)}")
         if self.eval_every < 0 or self.save_every < 0:
@@ -264,13 +268,54 @@ class StudentLoss(nn.Module):
         super().__init__()
         self.model, self.loss = model, loss
 
-    def forward(self, input_ids, attention_mask, rows, cols, targets, teacher_ids, teacher_logprobs,
+    def forward(self, input_ids, attention_mask, position_ids, rows, cols, targets, teacher_ids, teacher_logprobs,
                 teacher_weights, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss sum / normalizer, detached (ce sum, kd sum))."""
-        hidden = target_hidden(self.model, input_ids, attention_mask, rows, cols)
+        """(loss sum / normalizer, detached (ce sum, kd sum)); packed rows come with `position_ids` and no
+        `attention_mask`."""
+        hidden = target_hidden(self.model, input_ids, attention_mask, rows, cols, position_ids)
         sums = distillation_loss(hidden, functools.partial(vocab_logprobs, self.model), targets, teacher_ids,
                                  teacher_logprobs, self.loss, teacher_weights)
         return sums.total(self.loss.alpha, normalizer), torch.stack([sums.ce, sums.kd]).detach()
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """This process's peak memory so far, MiB: the most CUDA memory its tensors held on a GPU, its peak
+    resident set on a CPU."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
+def check_packing(model: nn.Module) -> None:
+    """Refuse packing for a student whose forward does not confine attention to each packed row (it must
+    give a packed row the hidden states it has alone); checked on three short rows of random tokens."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    lengths = [5, 3, 4]
+    rows = [torch.randint(vocab_size(model), (n,), generator=generator) for n in lengths]
+    input_ids = torch.zeros((len(rows), max(lengths)), dtype=torch.long)
+    for r, row in enumerate(rows):
+        input_ids[r, : len(row)] = row
+    batch = Batch([], input_ids, (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long(),
+                  torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths)),
+                  torch.cat([torch.arange(n) for n in lengths]), torch.zeros(sum(lengths), dtype=torch.long))
+    packed = pack(batch.to(device), pack_length=sum(lengths))
+    kind, training = model.config.model_type, model.training
+    model.eval()  # no dropout
+    with torch.no_grad():
+        alone = target_hidden(model, batch.input_ids.to(device), batch.attention_mask.to(device),
+                              batch.rows.to(device), batch.cols.to(device))
+        try:
+            together = target_hidden(model, packed.input_ids, None, packed.rows, packed.cols, packed.position_ids)
+        except Exception as e:  # noqa: BLE001 - any refusal of the packed inputs is this error
+            raise MoekdError(f"the student ({kind}) does not take packed rows ({type(e).__name__}: {e}); "
+                             "set pack_length=null") from e
+        finally:
+            model.train(training)
+    if not torch.allclose(alone.float(), together.float(), rtol=1e-3, atol=1e-3):
+        raise MoekdError(f"the student ({kind}) does not keep packed rows apart (e.g. attention or state that "
+                         f"crosses rows): a packed row's hidden states differ from its own by up to "
+                         f"{(alone.float() - together.float()).abs().max().item():.3g}; set pack_length=null")
 
 
 def require_finite(step: int, **values: float) -> None:
@@ -288,9 +333,9 @@ class Trainer:
     """The student, its AdamW and schedule, and `step`: one optimizer step over micro-batches."""
 
     def __init__(self, model: nn.Module, optim: OptimConfig, loss: LossConfig, total_steps: int,
-                 processes: Distributed, autocast: torch.dtype | None = None):
+                 processes: Distributed, autocast: torch.dtype | None = None, pack_length: int | None = None):
         self.model, self.optim, self.loss, self.total_steps = model, optim, loss, total_steps
-        self.processes, self.autocast = processes, autocast
+        self.processes, self.autocast, self.pack_length = processes, autocast, pack_length
         self.module = StudentLoss(model, loss)
         self.parallel = DistributedDataParallel(self.module) if processes.world_size > 1 else None
         self.optimizer = make_optimizer(model, optim)
@@ -305,10 +350,15 @@ class Trainer:
         sums = torch.zeros(2, device=device)
         for i, batch in enumerate(batches):
             with self.no_sync(last=i == len(batches) - 1):
+                if self.pack_length:
+                    packed = pack(batch, self.pack_length)
+                    inputs = (packed.input_ids, None, packed.position_ids, packed.rows, packed.cols)
+                else:
+                    inputs = (batch.input_ids, batch.attention_mask, None, batch.rows, batch.cols)
                 with torch.autocast(device.type, self.autocast, enabled=self.autocast is not None):
                     loss, batch_sums = (self.parallel or self.module)(
-                        batch.input_ids, batch.attention_mask, batch.rows, batch.cols, batch.targets,
-                        batch.teacher_ids, batch.teacher_logprobs, batch.teacher_weights, normalizer,
+                        *inputs, batch.targets, batch.teacher_ids, batch.teacher_logprobs, batch.teacher_weights,
+                        normalizer,
                     )
                 loss.backward()
             sums += batch_sums.float()
@@ -320,7 +370,8 @@ class Trainer:
         self.steps_done += 1
         alpha = self.loss.alpha
         return {"loss": (1 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd, "lr": lr,
-                "grad_norm": grad_norm.item(), "tokens": tokens}
+                "grad_norm": grad_norm.item(), "tokens": tokens,
+                "peak_memory_mib": self.processes.gather(peak_memory_mib(device))}
 
     def close(self) -> None:
         """Drop the DDP wrapper, before the process group goes (`Distributed.stop`)."""
@@ -640,8 +691,10 @@ class Run:
                              rank=processes.rank, world_size=processes.world_size, prefetch=config.prefetch)
         self.steps_in, self.total_steps = step_plan(self.reader, config.optim.grad_accum, config.max_steps,
                                                     config.epochs)
+        if config.pack_length:
+            check_packing(self.student)
         self.trainer = Trainer(self.student, config.optim, config.loss, self.total_steps, processes,
-                               self.autocast_dtype)
+                               self.autocast_dtype, config.pack_length)
         self.eval_data = PreparedData(config.eval_data) if config.eval_data else None
 
     def inputs(self, teacher) -> dict:

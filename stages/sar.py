@@ -25,7 +25,7 @@ KL(teacher ‖ student) before the router step; per MoE layer, over the batch's
 real tokens: router_entropy, topk_load (share of tokens whose router's own
 top-k holds each expert: in `all` mode every expert is used, so this is the
 router's choice, not the routed set) and router_prob (mean softmax router
-probability per expert); tokens, tokens_per_s), checkpoints/step-NNNNNNNN/
+probability per expert); tokens, tokens_per_s, peak_memory_mib), checkpoints/step-NNNNNNNN/
 (the student, and in trainer.pt both optimizers, the router parameters, the
 reader position and RNG states), routers.safetensors (the adapted routers and
 the teacher's identity: `pipeline.routers.apply_routers` loads them into the

@@ -24,7 +24,7 @@ number of steps, and rank 0 writes everything.
 
 Writes to `output`: run.json (the settings), metrics.jsonl (per step: loss,
 ce, kd, lr, grad_norm, response tokens trained on so far and per second
-(tokens, tokens_per_s); and eval_loss, eval_ppl,
+(tokens, tokens_per_s), each rank's peak memory (peak_memory_mib); and eval_loss, eval_ppl,
 eval_kl where evaluated), checkpoints/step-NNNNNNNN/ (the newest
 `keep_checkpoints`) and final/: the student (safetensors) and its tokenizer,
 for AutoModelForCausalLM. Re-running the same command resumes from the newest

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config
 
 import fixtures
-from pipeline.batch import collate_examples
+from pipeline.batch import collate_examples, pack
 from pipeline.data import PreparedData
 from pipeline.evaluation import example_losses
 from pipeline.logprobs import target_hidden, target_logprobs, vocab_logits
@@ -66,12 +66,15 @@ def test_training_evaluation_and_sar_use_the_models_own_logits(gemma, batch):
     # training: the student's loss (SFT and KD against a teacher that is the model itself)
     module = StudentLoss(gemma, LossConfig(alpha=0.5))
     teacher = expected.topk(16, -1)
-    with torch.no_grad():
-        loss, sums = module(collated.input_ids, collated.attention_mask, collated.rows, collated.cols,
-                            collated.targets, teacher.indices[None], teacher.values[None], None, 1.0)
-    ce, kd = sums.tolist()
-    assert ce == pytest.approx(nll.sum().item(), rel=1e-5)
-    assert abs(kd) < 1e-4  # the model's own distribution is no distance from itself
+    packed = pack(collated, pack_length=collated.input_ids.shape[1] * 2)
+    assert len(packed.input_ids) < len(collated.input_ids)
+    for inputs in [(collated.input_ids, collated.attention_mask, None, collated.rows, collated.cols),
+                   (packed.input_ids, None, packed.position_ids, packed.rows, packed.cols)]:  # padded, packed
+        with torch.no_grad():
+            loss, sums = module(*inputs, collated.targets, teacher.indices[None], teacher.values[None], None, 1.0)
+        ce, kd = sums.tolist()
+        assert ce == pytest.approx(nll.sum().item(), rel=1e-5)
+        assert abs(kd) < 1e-4  # the model's own distribution is no distance from itself
     # evaluation: per-example cross-entropy
     losses = example_losses(gemma, batch, batch_size=4)
     per_row = torch.zeros(len(batch)).index_add_(0, collated.rows, nll)

@@ -25,7 +25,7 @@ from pipeline.errors import MoekdError
 from pipeline.losses import LossConfig
 from pipeline.models import load_model
 from pipeline.data import PreparedData
-from pipeline.batch import collate_examples, collate_records
+from pipeline.batch import collate_examples, collate_records, pack
 from pipeline.reader import CacheShards, PreparedShards, Reader
 from pipeline.routing import RoutingConfig
 from pipeline.teacher import OnlineTeacher
@@ -322,3 +322,41 @@ def test_help_lists_the_fields(capsys):
     for field in ("student = '(required)'", "cache = None", "ka_samples = 'mean'", "loss.alpha = 0.5",
                   "optim.lr = 5e-05", "optim.grad_accum = 1", "routing.mode = 'topk'", "eval_every = 0"):
         assert field in text
+
+
+# ---------------------------------------------------------------- packing
+
+def test_packing_keeps_every_target_and_gives_each_row_its_own_positions(ka_cache):
+    reader = Reader(CacheShards(ka_cache), batch_size=8, shuffle_shards=1, seed=0,
+                    collate=functools.partial(collate_records, pad_id=PAD))
+    batch = next(iter(reader.batches(0, 0, 1)))
+    lengths = batch.attention_mask.sum(1)
+    packed = pack(batch, pack_length=int(lengths.max()) * 2)
+    assert len(packed.input_ids) < len(batch.input_ids)  # rows did share sequences
+    assert torch.equal(packed.input_ids[packed.rows, packed.cols], batch.input_ids[batch.rows, batch.cols])
+    assert torch.equal(packed.input_ids[packed.rows, packed.cols + 1], batch.targets)
+    assert torch.equal(packed.position_ids[packed.rows, packed.cols], batch.cols)  # a row starts at 0
+    starts = (packed.position_ids == 0).sum()  # every row, and the padding at the end of a pack
+    assert len(batch.input_ids) <= starts <= len(batch.input_ids) + len(packed.input_ids)
+
+
+def test_packed_rows_train_as_the_padded_ones(tmp_path, ka_cache, student_dir):
+    padded = run_train(tmp_path / "padded", student_dir, cache=ka_cache, batch_size=8)
+    packed = run_train(tmp_path / "packed", student_dir, cache=ka_cache, batch_size=8, pack_length=128)
+    for a, b in zip(padded, packed, strict=True):
+        for key in ("loss", "ce", "kd", "grad_norm", "tokens"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+        assert len(a["peak_memory_mib"]) == 1 and a["peak_memory_mib"][0] > 0  # one rank
+    assert_same_weights(weights(tmp_path / "packed/final"), weights(tmp_path / "padded/final"), atol=1e-5)
+
+
+def test_a_student_that_lets_packed_rows_see_each_other_is_refused(tmp_path, ka_cache, tokenizer_dir):
+    from transformers import MambaConfig  # a state-space model: its state runs on from one row into the next
+
+    student = fixtures.make_model(tmp_path / "mamba", MambaConfig(vocab_size=fixtures.VOCAB_SIZE, hidden_size=32,
+                                                                  state_size=4, num_hidden_layers=2, pad_token_id=0,
+                                                                  bos_token_id=1, eos_token_id=2),
+                                  tokenizer_dir, seed=1)
+    with pytest.raises(MoekdError, match=r"the student \(mamba\) does not keep packed rows apart"):
+        run_train(tmp_path / "run", student, cache=ka_cache, pack_length=128)
+    assert run_train(tmp_path / "padded", student, cache=ka_cache, max_steps=1)  # unpacked, it trains
