@@ -76,7 +76,7 @@ def main() -> None:
     for name, n in variants.items():
         sequences = len(timed[0].input_ids) if n is None else statistics.mean(len(pack(b, n).input_ids)
                                                                                 for b in timed)
-        print(f"| {name} | {sequences:.1f} | {seconds[name]:.3f} | {response / seconds[name]:.0f} | "
+        print(f"| {name} | {sequences:.1f} | {seconds[name]:.3f} | {response / seconds[name]:.1f} | "
               f"{real / seconds[name]:.0f} | {seconds['padded'] / seconds[name]:.2f}x |")
 
 

@@ -155,11 +155,12 @@ def pad_token_id(tokenizer) -> int:
 
 
 def save_model(directory: str | Path, model, tokenizer, reports: dict[str, dict] | None = None,
-               replace: bool = False) -> None:
-    """Write `model` and `tokenizer` (save_pretrained) and each of `reports` as a JSON file to `directory`,
-    which appears complete or not at all (`files.atomic_directory`; `replace` swaps out an existing one)."""
+               replace: bool = False, state_dict: dict | None = None) -> None:
+    """Write `model` (with `state_dict`'s weights where given) and `tokenizer` (save_pretrained) and each of
+    `reports` as a JSON file to `directory`, which appears complete or not at all (`files.atomic_directory`;
+    `replace` swaps out an existing one)."""
     with atomic_directory(Path(directory), replace=replace) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         for name, report in (reports or {}).items():
             atomic_write_json(tmp / name, report)

@@ -40,6 +40,14 @@ from typing import Callable, Iterator, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -70,6 +78,7 @@ CHECKPOINTS = "checkpoints"
 FINAL = "final"
 FINISHED = "finished"
 # Settings that change neither the losses nor the weights: a run may resume with other values.
+FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)  # a sharded state gathered whole, rank 0
 RESUMABLE_WITH_CHANGES = ("overwrite", "save_every", "keep_checkpoints", "keep_checkpoints_at_end", "prefetch",
                           "trust_remote_code")
 
@@ -114,6 +123,9 @@ class RunConfig:
     # the student's forward: a micro-batch's rows packed into sequences of up to this many tokens, each row
     # attending within itself (null: rows padded to the longest); checked on the student when a run starts
     pack_length: int | None = None
+    # several ranks (torchrun): each holds the whole student (ddp), or a shard of it per decoder layer (fsdp,
+    # FSDP2: about 16 bytes per parameter divided among the ranks); checkpoints hold the whole state either way
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     seed: int = 0  # data order and every draw the run makes (KA samples, on-policy responses)
     # the run
     max_steps: int | None = None  # optimizer steps (epochs repeat as needed); null: `epochs` passes
@@ -329,16 +341,44 @@ def require_finite(step: int, **values: float) -> None:
                          "from the last checkpoint with other settings (overwrite=true)")
 
 
+def shard(module: nn.Module, model: nn.Module, autocast: torch.dtype | None) -> None:
+    """FSDP2 in place: each of `model`'s decoder layers (its `_no_split_modules` classes) a unit, `module`
+    (holding `model`) the root unit with the rest (embeddings, final norm, head); parameters gathered in the
+    autocast dtype where there is one, gradients reduced in float32."""
+    policy = MixedPrecisionPolicy(param_dtype=autocast, reduce_dtype=torch.float32) if autocast else None
+    options = {"mp_policy": policy} if policy else {}
+    layers = set(getattr(model, "_no_split_modules", None) or ())
+    units = [m for m in model.modules() if type(m).__name__ in layers]
+    if not units:
+        raise MoekdError(f"parallel=fsdp shards a student by its decoder layers, and {type(model).__name__} names "
+                         "none (_no_split_modules); use parallel=ddp")
+    for unit in units:
+        fully_shard(unit, **options)
+    fully_shard(module, **options)
+
+
 class Trainer:
-    """The student, its AdamW and schedule, and `step`: one optimizer step over micro-batches."""
+    """The student, its AdamW and schedule, and `step`: one optimizer step over micro-batches.
+
+    Under torchrun the student is replicated (`parallel="ddp"`) or sharded
+    (`"fsdp"`, `shard`); its state (`student_weights`, `state_dict`) is the
+    full one either way, so a checkpoint resumes with any number of ranks and
+    either kind.
+    """
 
     def __init__(self, model: nn.Module, optim: OptimConfig, loss: LossConfig, total_steps: int,
-                 processes: Distributed, autocast: torch.dtype | None = None, pack_length: int | None = None):
+                 processes: Distributed, autocast: torch.dtype | None = None, pack_length: int | None = None,
+                 parallel: Literal["ddp", "fsdp"] = "ddp"):
         self.model, self.optim, self.loss, self.total_steps = model, optim, loss, total_steps
         self.processes, self.autocast, self.pack_length = processes, autocast, pack_length
         self.module = StudentLoss(model, loss)
-        self.parallel = DistributedDataParallel(self.module) if processes.world_size > 1 else None
-        self.optimizer = make_optimizer(model, optim)
+        self.sharded = processes.world_size > 1 and parallel == "fsdp"
+        self.parallel = None
+        if self.sharded:
+            shard(self.module, model, autocast)
+        elif processes.world_size > 1:
+            self.parallel = DistributedDataParallel(self.module)
+        self.optimizer = make_optimizer(model, optim)  # after sharding: FSDP replaces the parameters
         self.steps_done = 0
 
     def step(self, batches: list[Batch]) -> dict:
@@ -363,6 +403,7 @@ class Trainer:
                 loss.backward()
             sums += batch_sums.float()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip or math.inf)
+        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
         ce, kd = (self.processes.sum(sums) / max(tokens, 1)).tolist()
         require_finite(self.steps_done + 1, ce=ce, kd=kd, grad_norm=grad_norm.item())
         self.optimizer.step()
@@ -378,14 +419,38 @@ class Trainer:
         self.parallel = None
 
     def no_sync(self, last: bool):
-        """DDP exchanges gradients only on the step's last micro-batch."""
+        """DDP and FSDP exchange gradients only on the step's last micro-batch."""
+        if self.sharded:
+            self.module.set_requires_gradient_sync(last)
         return self.parallel.no_sync() if self.parallel is not None and not last else contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def whole_student(self):
+        """The student usable outside the training step (evaluation, SAR's targets): a sharded student's
+        root parameters (embeddings, head) gathered, on every rank, which must all run the same forwards."""
+        if not self.sharded:
+            yield
+            return
+        self.module.unshard()
+        try:
+            yield
+        finally:
+            self.module.reshard()
+
+    def student_weights(self) -> dict | None:
+        """The student's full weights, on rank 0, where they are sharded (every rank calls this); None where
+        the student holds them whole."""
+        return get_model_state_dict(self.model, options=FULL_ON_CPU) if self.sharded else None
+
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "steps_done": self.steps_done}
+        """The optimizer's full state, by parameter name (every rank calls this: under FSDP it is gathered)."""
+        return {"optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=FULL_ON_CPU),
+                "steps_done": self.steps_done}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Load a full optimizer state, shared out to this rank's shards where the student is sharded."""
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         self.steps_done = state["steps_done"]
 
 
@@ -399,12 +464,14 @@ def checkpoints(directory: Path) -> list[Path]:
     return sorted(found)
 
 
-def save_checkpoint(directory: Path, step: int, model, tokenizer, state: dict, keep: int) -> Path:
-    """Write checkpoint `step` (the model, its tokenizer and `state`), then drop all but the newest `keep`."""
+def save_checkpoint(directory: Path, step: int, model, tokenizer, state: dict, keep: int,
+                    weights: dict | None = None) -> Path:
+    """Write checkpoint `step` (the model, with `weights` where it does not hold them whole, its tokenizer
+    and `state`), then drop all but the newest `keep`."""
     path = Path(directory) / f"step-{step:08d}"
     try:
         with atomic_directory(path) as tmp:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=weights)
             tokenizer.save_pretrained(tmp)
             torch.save(state, tmp / TRAINER_STATE)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
@@ -432,8 +499,9 @@ def save_run_checkpoint(directory: Path, processes: Distributed, model, tokenize
     reader's next `position`, the `tokens` so far and every rank's RNG states (every rank calls this)."""
     state = {"position": position, "tokens": tokens, "rng": processes.gather(rng_state())}
     state |= {name: part.state_dict() for name, part in parts.items()}
+    weights = parts["trainer"].student_weights()
     if processes.rank == 0:
-        save_checkpoint(directory, parts["trainer"].steps_done, model, tokenizer, state, keep)
+        save_checkpoint(directory, parts["trainer"].steps_done, model, tokenizer, state, keep, weights)
 
 
 def resume(latest: str | None, processes: Distributed, seed: int, parts: dict) -> tuple[tuple[int, int], int]:
@@ -694,7 +762,7 @@ class Run:
         if config.pack_length:
             check_packing(self.student)
         self.trainer = Trainer(self.student, config.optim, config.loss, self.total_steps, processes,
-                               self.autocast_dtype, config.pack_length)
+                               self.autocast_dtype, config.pack_length, config.parallel)
         self.eval_data = PreparedData(config.eval_data) if config.eval_data else None
 
     def inputs(self, teacher) -> dict:
@@ -751,8 +819,12 @@ class Run:
     def after_step(self, record: dict, position: tuple[int, int]) -> None:
         """Evaluate, log and checkpoint as due; `position` is the reader's next (epoch, batch)."""
         step, config, rank0 = record["step"], self.config, self.processes.rank == 0
-        if rank0 and (self.eval_data or config.eval_cache) and self.due(config.eval_every, step):
-            record |= self.evaluate()
+        evaluating = (self.eval_data or config.eval_cache) and self.due(config.eval_every, step)
+        if evaluating and (rank0 or self.trainer.sharded):  # a sharded student evaluates on every rank
+            with self.trainer.whole_student():
+                metrics = self.evaluate()
+            if rank0:
+                record |= metrics
         if rank0:
             self.log.append(record)
         if self.due(config.save_every, step):  # every rank: the RNG states are gathered
@@ -782,9 +854,10 @@ class Run:
 
     def finish(self, save_more: Callable[[], str] | None = None) -> None:
         """Rank 0: write `save_more()`'s outputs, then final/ (the student and its tokenizer)."""
+        weights = self.trainer.student_weights()  # every rank: a sharded student is gathered
         if self.processes.rank == 0:
             more = save_more() if save_more else ""
-            save_model(self.output / FINAL, self.student, self.tokenizer)
+            save_model(self.output / FINAL, self.student, self.tokenizer, state_dict=weights)
             if not self.config.keep_checkpoints_at_end:  # a finished run is never resumed: they are dead weight
                 shutil.rmtree(self.output / CHECKPOINTS, ignore_errors=True)
             print(f"{self.name}: {self.trainer.steps_done} steps done; the student is in {self.output / FINAL}{more}")

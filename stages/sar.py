@@ -82,6 +82,9 @@ class Config(RunConfig):
                              f"{self.sample_temperature} and {self.sample_top_p}")
         if self.routing.samples != 1:
             raise ValueError(f"routing.samples={self.routing.samples}: SAR runs one teacher sample per step")
+        if self.sequences == "student" and self.parallel == "fsdp":
+            raise ValueError("sequences=student samples each rank's responses apart, which a sharded student "
+                             "cannot (every rank must run the same forwards): use parallel=ddp")
 
 
 @honours_remote_code
@@ -137,7 +140,7 @@ class Step:
         student = self.run.student
         student.eval()
         try:
-            with torch.no_grad(), self.run.autocast():
+            with torch.no_grad(), self.run.autocast(), self.run.trainer.whole_student():
                 yield
         finally:
             student.train()

@@ -154,14 +154,15 @@ def test_micro_batches_step_like_one_batch(ka_cache, student_dir):
     assert_same_weights(split_weights, whole_weights, atol=1e-6)
 
 
-def test_ddp_on_two_processes_matches_one_process_with_both_ranks_batches(tmp_path, ka_cache, student_dir):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_process_with_both_ranks_batches(tmp_path, ka_cache, student_dir, parallel):
     steps, accum, batch_size = 3, 2, 2
     optim = OptimConfig(lr=3e-3, warmup_steps=1, grad_accum=accum)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "pipeline.cli", "train", str(tmp_path / "ddp"), "--student", str(student_dir),
                "--cache", str(ka_cache), "--max-steps", str(steps), "--batch-size", str(batch_size),
                "--shuffle-shards", "1", "--device", "cpu", "--dtype", "float32", "optim.lr=0.003",
-               "optim.warmup_steps=1", f"optim.grad_accum={accum}"]
+               "optim.warmup_steps=1", f"optim.grad_accum={accum}", f"parallel={parallel}"]
     done = subprocess.run(command, env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "ddp/run.json").read_text())["world_size"] == 2
@@ -177,6 +178,7 @@ def test_ddp_on_two_processes_matches_one_process_with_both_ranks_batches(tmp_pa
         assert logged["tokens"] - (metrics(tmp_path / "ddp")[step - 1]["tokens"] if step else 0) == expected["tokens"]
         for key in ("loss", "ce", "kd", "grad_norm", "lr"):
             assert logged[key] == pytest.approx(expected[key], rel=1e-5), key
+        assert len(logged["peak_memory_mib"]) == 2  # each rank's
     assert_same_weights(weights(tmp_path / "ddp/final"), model.state_dict(), atol=1e-5)
 
 
