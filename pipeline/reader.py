@@ -18,7 +18,9 @@ which is what the vocabulary projection costs, and mostly in length. A
 position in the stream is (epoch, batch index): resuming plans the epoch
 again and skips straight to the window holding that batch, without decoding
 earlier windows. Every rank can plan every other rank's epoch, so all agree
-on `num_batches(epoch)`, the smallest rank's count, without talking.
+on `num_batches(epoch)`, the smallest rank's count, without talking. A run
+resumed on another number of ranks splits what the earlier ranks had left of
+the epoch among the new ones (`work`), then plans the next epochs afresh.
 
 A background thread decodes windows (one window ahead) and collates batches
 (`pipeline.batch`) into a bounded queue; an error there is raised in the
@@ -117,11 +119,13 @@ class Reader:
         self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
         self.index = [shards.index(s) for s in range(len(shards))]
 
-    def plan(self, epoch: int, rank: int | None = None) -> list[Window]:
-        """The windows of `rank` (default: this reader's) in `epoch`; a function of metadata, seed and epoch."""
+    def plan(self, epoch: int, rank: int | None = None, world_size: int | None = None) -> list[Window]:
+        """The windows of `rank` of `world_size` (default: this reader's) in `epoch`; a function of metadata,
+        seed and epoch."""
         rank = self.rank if rank is None else rank
+        world_size = self.world_size if world_size is None else world_size
         order = np.random.default_rng(derive_seed(self.seed, "shard order", epoch)).permutation(len(self.index))
-        mine = order[rank :: self.world_size].tolist()
+        mine = order[rank::world_size].tolist()
         size = self.shuffle_shards
         return [self.window(mine[i : i + size], derive_seed(self.seed, "window", epoch, rank, i // size))
                 for i in range(0, len(mine), size)]
@@ -137,19 +141,41 @@ class Reader:
         return Window(shards, [[(int(shard_of[j]), int(row_of[j])) for j in batches[b]]
                                for b in rng.permutation(len(batches))])
 
-    def num_batches(self, epoch: int) -> int:
-        """Batches every rank yields in `epoch`: the fewest any rank has, so all take the same steps."""
-        return min(sum(len(w.batches) for w in self.plan(epoch, rank)) for rank in range(self.world_size))
+    def work(self, epoch: int, rank: int | None = None, world_size: int | None = None,
+             history: tuple[tuple[int, int], ...] = ()) -> list[tuple[Window, int]]:
+        """(window, batch index) of each batch of `rank` in `epoch`.
 
-    def batches(self, epoch: int, start: int = 0, stop: int | None = None) -> Iterator:
-        """Collated batches [start, stop) of this rank's `epoch` (stop defaults to `num_batches`)."""
-        stop = self.num_batches(epoch) if stop is None else stop
-        work, first = [], 0
-        for window in self.plan(epoch):
-            lo, hi = max(start - first, 0), min(stop - first, len(window.batches))
-            if lo < hi:  # windows wholly before `start` are never read
-                work.append((window, lo, hi))
-            first += len(window.batches)
+        `history` lists the changes of world size within the epoch, oldest
+        first: (ranks before, batches each had taken). At a change, what the
+        earlier ranks had left of the epoch, in rank order, is cut into one
+        contiguous share per rank, so the epoch still reads each row at most once.
+        """
+        rank = self.rank if rank is None else rank
+        world_size = self.world_size if world_size is None else world_size
+        if not history:
+            return [(w, b) for w in self.plan(epoch, rank, world_size) for b in range(len(w.batches))]
+        *earlier, (before, taken) = history
+        lists = [self.work(epoch, k, before, tuple(earlier)) for k in range(before)]
+        taken_to = min(map(len, lists))  # the earlier ranks read up to their fewest
+        rest = [item for items in lists for item in items[taken:taken_to]]
+        share = len(rest) // world_size
+        return rest[rank * share : (rank + 1) * share]
+
+    def num_batches(self, epoch: int, history: tuple[tuple[int, int], ...] = ()) -> int:
+        """Batches every rank yields in `epoch`: the fewest any rank has, so all take the same steps."""
+        return min(len(self.work(epoch, rank, history=history)) for rank in range(self.world_size))
+
+    def batches(self, epoch: int, start: int = 0, stop: int | None = None,
+                history: tuple[tuple[int, int], ...] = ()) -> Iterator:
+        """Collated batches [start, stop) of this rank's `epoch` (stop defaults to `num_batches`); windows
+        wholly before `start` are never read."""
+        stop = self.num_batches(epoch, history) if stop is None else stop
+        work: list[tuple[Window, int, int]] = []
+        for window, b in self.work(epoch, history=history)[start:stop]:
+            if work and work[-1][0] is window and work[-1][2] == b:
+                work[-1] = (window, work[-1][1], b + 1)
+            else:
+                work.append((window, b, b + 1))
         return self.stream(work)
 
     def stream(self, work: list[tuple[Window, int, int]]) -> Iterator:

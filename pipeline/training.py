@@ -78,6 +78,8 @@ CHECKPOINTS = "checkpoints"
 FINAL = "final"
 FINISHED = "finished"
 # Settings that change neither the losses nor the weights: a run may resume with other values.
+# The reader's next (epoch, batch, the changes of world size in that epoch: (ranks before, batches each took))
+Position = tuple[int, int, tuple[tuple[int, int], ...]]
 FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)  # a sharded state gathered whole, rank 0
 RESUMABLE_WITH_CHANGES = ("overwrite", "save_every", "keep_checkpoints", "keep_checkpoints_at_end", "prefetch",
                           "trust_remote_code")
@@ -494,27 +496,37 @@ def load_trainer_state(checkpoint: Path) -> dict:
 
 
 def save_run_checkpoint(directory: Path, processes: Distributed, model, tokenizer, keep: int, parts: dict,
-                        position: tuple[int, int], tokens: int) -> None:
+                        position: Position, tokens: int) -> None:
     """Checkpoint the step just taken: `model`, and in trainer.pt each part's state_dict() by its name, the
     reader's next `position`, the `tokens` so far and every rank's RNG states (every rank calls this)."""
-    state = {"position": position, "tokens": tokens, "rng": processes.gather(rng_state())}
+    epoch, first, history = position
+    state = {"position": [epoch, first, [list(change) for change in history]], "world_size": processes.world_size,
+             "tokens": tokens, "rng": processes.gather(rng_state())}
     state |= {name: part.state_dict() for name, part in parts.items()}
     weights = parts["trainer"].student_weights()
     if processes.rank == 0:
         save_checkpoint(directory, parts["trainer"].steps_done, model, tokenizer, state, keep, weights)
 
 
-def resume(latest: str | None, processes: Distributed, seed: int, parts: dict) -> tuple[tuple[int, int], int]:
+def resume(latest: str | None, processes: Distributed, seed: int, parts: dict) -> tuple[Position, int]:
     """(position, tokens) of checkpoint `latest`, after loading its states into `parts` and this rank's RNGs;
-    without one, ((0, 0), 0) after seeding this rank's RNGs from `seed`."""
+    without one, ((0, 0, ()), 0) after seeding this rank's RNGs from `seed`.
+
+    A checkpoint of another number of ranks resumes too: the rest of its epoch is shared out among these
+    ranks (`Reader.work`), whose RNGs are seeded afresh from (seed, rank, step)."""
     if latest is None:
         seed_everything(derive_seed(seed, "rank", processes.rank))
-        return (0, 0), 0
+        return (0, 0, ()), 0
     state = load_trainer_state(latest)
     for name, part in parts.items():
         part.load_state_dict(state[name])
-    set_rng_state(state["rng"][processes.rank])
-    return tuple(state["position"]), state["tokens"]
+    epoch, first, history = state["position"]
+    history = tuple(tuple(change) for change in history)
+    if state["world_size"] == processes.world_size:
+        set_rng_state(state["rng"][processes.rank])
+        return (epoch, first, history), state["tokens"]
+    seed_everything(derive_seed(seed, "rank", processes.rank, "resumed", parts["trainer"].steps_done))
+    return (epoch, 0, (*history, (state["world_size"], first))), state["tokens"]
 
 
 # ---------------------------------------------------------------- metrics
@@ -558,15 +570,16 @@ def finite(value):
 
 # ---------------------------------------------------------------- the run directory
 
-def run_identity(config, world_size: int, resumable_with_changes: tuple[str, ...]) -> dict:
-    """What run.json records: the config, less the fields a run may resume with changed, and the world size."""
+def run_identity(config, resumable_with_changes: tuple[str, ...]) -> dict:
+    """What a run resumes only with: the config, less the fields a run may resume with changed (the number
+    of ranks may change too)."""
     settings = {key: value for key, value in to_dict(config).items() if key not in resumable_with_changes}
-    return json.loads(json.dumps({"config": settings, "world_size": world_size}))  # tuples as JSON reads them
+    return json.loads(json.dumps({"config": settings}))  # tuples as JSON reads them
 
 
 def open_run(config, processes: Distributed, resumable: tuple[str, ...]) -> tuple[dict, str | None]:
     """(`run_identity`, rank 0's `inspect_output` of config.output): what a stage starts, resumes or finds done."""
-    identity = run_identity(config, processes.world_size, resumable)
+    identity = run_identity(config, resumable)
     return identity, processes.on_rank0(lambda: inspect_output(Path(config.output), identity, config.overwrite))
 
 
@@ -628,37 +641,38 @@ def changed_settings(old: dict, new: dict) -> list[str]:
 
 # ---------------------------------------------------------------- the step walk
 
-def steps_in_epoch(reader: Reader, epoch: int, grad_accum: int) -> int:
+def steps_in_epoch(reader: Reader, epoch: int, grad_accum: int, history: tuple = ()) -> int:
     """Optimizer steps in `epoch`: every rank's batches, trimmed to the fewest, in groups of grad_accum."""
-    steps = reader.num_batches(epoch) // grad_accum
+    steps = reader.num_batches(epoch, history) // grad_accum
     if steps == 0:
         raise MoekdError(f"epoch {epoch} holds fewer than optim.grad_accum={grad_accum} batches of "
                          f"batch_size={reader.batch_size} per rank: use smaller batches or fewer ranks")
     return steps
 
 
-def step_plan(reader: Reader, grad_accum: int, max_steps: int | None, epochs: int) -> tuple[Callable[[int], int], int]:
-    """(optimizer steps in epoch e, cached; the run's total steps: `max_steps`, else `epochs` whole epochs)."""
-    steps_in = functools.cache(lambda epoch: steps_in_epoch(reader, epoch, grad_accum))
+def step_plan(reader: Reader, grad_accum: int, max_steps: int | None, epochs: int) -> tuple[Callable[..., int], int]:
+    """(optimizer steps in epoch e (after the `history` of rank changes in it), cached; the run's total steps:
+    `max_steps`, else `epochs` whole epochs)."""
+    steps_in = functools.cache(lambda epoch, history=(): steps_in_epoch(reader, epoch, grad_accum, history))
     return steps_in, max_steps or sum(steps_in(epoch) for epoch in range(epochs))
 
 
-def step_batches(reader: Reader, steps_in: Callable[[int], int], grad_accum: int, steps_done: int,
-                 total_steps: int, position: tuple[int, int]) -> Iterator[tuple[int, list, tuple[int, int]]]:
-    """(epoch, micro-batches, the reader's next position) per step left, from `position` = (epoch, next batch)."""
-    epoch, first = position
+def step_batches(reader: Reader, steps_in: Callable[..., int], grad_accum: int, steps_done: int,
+                 total_steps: int, position: Position) -> Iterator[tuple[int, list, Position]]:
+    """(epoch, micro-batches, the reader's next position) per step left, from `position`."""
+    epoch, first, history = position
     while steps_done < total_steps:
-        count = min(steps_in(epoch) - first // grad_accum, total_steps - steps_done)
-        with contextlib.closing(reader.batches(epoch, first, first + count * grad_accum)) as stream:
+        count = min(steps_in(epoch, history) - first // grad_accum, total_steps - steps_done)
+        with contextlib.closing(reader.batches(epoch, first, first + count * grad_accum, history)) as stream:
             for _ in range(count):
                 batches = [next(stream) for _ in range(grad_accum)]
                 first, steps_done, this_epoch = first + grad_accum, steps_done + 1, epoch
-                if first == steps_in(epoch) * grad_accum:
-                    epoch, first = epoch + 1, 0
-                yield this_epoch, batches, (epoch, first)
+                if first == steps_in(epoch, history) * grad_accum:
+                    epoch, first, history = epoch + 1, 0, ()
+                yield this_epoch, batches, (epoch, first, history)
 
 
-def run_steps(walk: Iterator, step: Callable[[list], dict], after_step: Callable[[dict, tuple[int, int]], None],
+def run_steps(walk: Iterator, step: Callable[[list], dict], after_step: Callable[[dict, Position], None],
               trainer: Trainer, tokens: int, processes: Distributed, desc: str, show: tuple[str, ...]) -> dict:
     """Take the steps of `walk` (`step_batches`) with a tqdm bar; the last step's record ({}: none left).
 
@@ -794,13 +808,18 @@ class Run:
                 raise MoekdError(f"{self.output} holds a run of other inputs than these: {'; '.join(changed)}. "
                                  "A run never resumes against another teacher, student or data: restore them, "
                                  "or choose another output")
-        start_output(self.output, self.identity | {"inputs": inputs}, self.latest, self.also_clear)
+        start_output(self.output, self.identity | {"inputs": inputs, "world_size": self.processes.world_size},
+                     self.latest, self.also_clear)
 
     def resume(self, **parts) -> None:
         """Load the newest checkpoint's states into the trainer and `parts` (or seed a new run), then say
         what the run will do."""
         self.parts = {"trainer": self.trainer, **parts}
         self.position, self.tokens = resume(self.latest, self.processes, self.config.seed, self.parts)
+        if self.position[2] and self.config.max_steps is None:
+            raise MoekdError(f"{self.latest} was saved by {self.position[2][-1][0]} ranks, and this run has "
+                             f"{self.processes.world_size}: a run of `epochs` resumes on the same number of ranks "
+                             "only (its length in steps depends on it); set max_steps to resume on others")
         c = self.config
         self.processes.say(f"{self.name}: {self.teacher.description}; {self.total_steps} steps of "
                            f"{c.optim.grad_accum} x {c.batch_size} sequences x {self.processes.world_size} ranks"
@@ -816,8 +835,8 @@ class Run:
                             self.total_steps, self.position)
         return run_steps(walk, step, self.after_step, self.trainer, self.tokens, self.processes, self.name, show)
 
-    def after_step(self, record: dict, position: tuple[int, int]) -> None:
-        """Evaluate, log and checkpoint as due; `position` is the reader's next (epoch, batch)."""
+    def after_step(self, record: dict, position: Position) -> None:
+        """Evaluate, log and checkpoint as due; `position` is the reader's next."""
         step, config, rank0 = record["step"], self.config, self.processes.rank == 0
         evaluating = (self.eval_data or config.eval_cache) and self.due(config.eval_every, step)
         if evaluating and (rank0 or self.trainer.sharded):  # a sharded student evaluates on every rank

@@ -113,6 +113,23 @@ def test_every_rank_takes_the_fewest_batches_any_rank_has(cache):
         assert len(consume(reader.batches(0))) == min(counts)
 
 
+def test_a_run_resumed_on_other_ranks_reads_the_rest_of_the_epoch_once(cache):
+    three = [make_reader(cache, rank=r, world_size=3) for r in range(3)]
+    read = [seq for reader in three for batch in consume(reader.batches(0, 0, 2)) for seq in seq_ids(batch)]
+    left = 3 * (three[0].num_batches(0) - 2)  # batches the three ranks had left
+    two = [make_reader(cache, rank=r, world_size=2) for r in range(2)]
+    history = ((3, 2),)  # 3 ranks had each taken 2 batches of epoch 0
+    assert two[0].num_batches(0, history) == two[1].num_batches(0, history) == left // 2
+    read += [seq for reader in two for batch in consume(reader.batches(0, 0, 1, history)) for seq in seq_ids(batch)]
+    # then one rank: what the two had left after one batch each
+    history += ((2, 1),)
+    one = make_reader(cache)
+    read += [seq for batch in consume(one.batches(0, 0, None, history)) for seq in seq_ids(batch)]
+    assert len(read) == len(set(read))  # no row twice
+    assert set(read) <= set(range(ROWS)) and len(read) >= ROWS - 4 * 3  # the ranks' uneven ends and shares aside
+    assert one.num_batches(1) == len(consume(one.batches(1)))  # the next epoch is planned afresh
+
+
 def test_batches_are_length_sorted_inside_each_window(cache):
     reader = make_reader(cache, batch_size=4, shuffle_shards=3)
     for window in reader.plan(0):

@@ -29,7 +29,7 @@ from pipeline.batch import collate_examples, collate_records, pack
 from pipeline.reader import CacheShards, PreparedShards, Reader
 from pipeline.routing import RoutingConfig
 from pipeline.teacher import OnlineTeacher
-from pipeline.training import Distributed, OptimConfig, Trainer
+from pipeline.training import Distributed, OptimConfig, Trainer, load_trainer_state
 from stages import cache, prepare, train
 
 REPO, SUBPROCESS_ENV = fixtures.REPO, fixtures.SUBPROCESS_ENV
@@ -180,6 +180,50 @@ def test_two_processes_match_one_process_with_both_ranks_batches(tmp_path, ka_ca
             assert logged[key] == pytest.approx(expected[key], rel=1e-5), key
         assert len(logged["peak_memory_mib"]) == 2  # each rank's
     assert_same_weights(weights(tmp_path / "ddp/final"), model.state_dict(), atol=1e-5)
+
+
+def test_a_sharded_run_resumes_on_two_ranks_as_it_ran_and_on_one_with_the_rest_of_the_epoch(
+        tmp_path, splits, ka_cache, student_dir):
+    steps, accum, batch_size, at = 5, 2, 2, 2
+    args = ["--student", str(student_dir), "--cache", str(ka_cache), "--max-steps", str(steps), "--batch-size",
+            str(batch_size), "--shuffle-shards", "1", "--device", "cpu", "--dtype", "float32", "optim.lr=0.003",
+            "optim.warmup_steps=1", f"optim.grad_accum={accum}", "parallel=fsdp", "save_every=1",
+            "keep_checkpoints=10", "keep_checkpoints_at_end=true", f"eval_data={splits['test']}", "eval_every=2",
+            "eval_max_examples=8"]
+    on_two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+              "pipeline.cli", "train"]
+    run = lambda launcher, output: subprocess.run([*launcher, str(output), *args], env=SUBPROCESS_ENV,  # noqa: E731
+                                                  cwd=REPO, capture_output=True, text=True, timeout=300)
+    for name, launcher in (("two", on_two), ("one", [sys.executable, "-m", "pipeline.cli", "train"])):
+        done = run(on_two, tmp_path / name)
+        assert done.returncode == 0, done.stderr[-3000:]
+        if name == "two":
+            whole, whole_weights = metrics(tmp_path / name), weights(tmp_path / name / "final")
+            assert [m["step"] for m in whole] == list(range(1, steps + 1)) and "eval_loss" in whole[1]
+        # interrupted after step `at`: its checkpoint is all that is left
+        shutil.rmtree(tmp_path / name / "final")
+        for later in range(at + 1, steps + 1):
+            shutil.rmtree(tmp_path / name / f"checkpoints/step-{later:08d}")
+        done = run(launcher, tmp_path / name)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert [m["step"] for m in metrics(tmp_path / name)] == list(range(1, steps + 1))
+    # on two ranks as it ran; on one, the steps take what the two ranks had left of the epoch
+    for a, b in zip(metrics(tmp_path / "two"), whole, strict=True):
+        assert {k: a[k] for k in COMPARED} == pytest.approx({k: b[k] for k in COMPARED}, rel=1e-6)
+    assert_same_weights(weights(tmp_path / "two/final"), whole_weights, atol=1e-6)
+    checkpoint = tmp_path / f"one/checkpoints/step-{at:08d}"
+    model = load_model(checkpoint, dtype="float32", device="cpu").train()
+    trainer = Trainer(model, OptimConfig(lr=3e-3, warmup_steps=1, grad_accum=accum), LossConfig(), steps,
+                      Distributed("cpu"))
+    trainer.load_state_dict(load_trainer_state(checkpoint)["trainer"])
+    reader = Reader(CacheShards(ka_cache), batch_size=batch_size, shuffle_shards=1, seed=0,
+                    collate=functools.partial(collate_records, pad_id=PAD))
+    rest = list(reader.batches(0, 0, (steps - at) * accum, history=((2, at * accum),)))
+    for i, logged in enumerate(metrics(tmp_path / "one")[at:]):
+        expected = trainer.step(rest[i * accum : (i + 1) * accum])
+        for key in ("loss", "ce", "kd", "grad_norm", "lr"):
+            assert logged[key] == pytest.approx(expected[key], rel=1e-5), key
+    assert_same_weights(weights(tmp_path / "one/final"), model.state_dict(), atol=1e-5)
 
 
 def test_gradient_checkpointing_changes_nothing_and_bfloat16_runs_on_cpu(tmp_path, ka_cache, student_dir):
