@@ -116,11 +116,13 @@ def load_config(path: str | Path):
 
 
 def load_model(
-    path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"
+    path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
+    attention: str | None = None,
 ) -> PreTrainedModel:
-    """The causal LM saved in local directory `path`, on `device` in `dtype`, in eval mode. Weights load
-    safely (safetensors, or pickles of tensors only); code in the directory runs only under
-    `honours_remote_code` with trust_remote_code set."""
+    """The causal LM saved in local directory `path`, on `device` in `dtype`, in eval mode, with the attention
+    implementation `attention` (transformers' attn_implementation; None: its default). Weights load safely
+    (safetensors, or pickles of tensors only); code in the directory runs only under `honours_remote_code`
+    with trust_remote_code set."""
     path = local_dir(path, "model")
     if not (path / "config.json").is_file():
         raise MoekdError(f"{path} has no config.json; is it a transformers model directory?")
@@ -129,7 +131,7 @@ def load_model(
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=REMOTE_CODE.get())
         model = causal_lm_class(config).from_pretrained(
             path, config=config, dtype=resolve_dtype(dtype, resolved), device_map=resolved, local_files_only=True,
-            trust_remote_code=REMOTE_CODE.get(),
+            trust_remote_code=REMOTE_CODE.get(), **({"attn_implementation": attention} if attention else {}),
         )
     except LOAD_ERRORS as e:
         raise MoekdError(f"cannot load a causal language model from {path}: {first_line(e)}") from None

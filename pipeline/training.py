@@ -125,6 +125,9 @@ class RunConfig:
     # the student's forward: a micro-batch's rows packed into sequences of up to this many tokens, each row
     # attending within itself (null: rows padded to the longest); checked on the student when a run starts
     pack_length: int | None = None
+    # the student's attention implementation (transformers' attn_implementation: sdpa, eager, flex_attention,
+    # flash_attention_2, ...); null: transformers' default. Packing pays where it skips other rows' blocks
+    attention: str | None = None
     # several ranks (torchrun): each holds the whole student (ddp), or a shard of it per decoder layer (fsdp,
     # FSDP2: about 16 bytes per parameter divided among the ranks); checkpoints hold the whole state either way
     parallel: Literal["ddp", "fsdp"] = "ddp"
@@ -282,10 +285,12 @@ class StudentLoss(nn.Module):
         super().__init__()
         self.model, self.loss = model, loss
 
-    def forward(self, input_ids, attention_mask, position_ids, rows, cols, targets, teacher_ids, teacher_logprobs,
-                teacher_weights, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, rows=None, cols=None, targets=None,
+                teacher_ids=None, teacher_logprobs=None, teacher_weights=None, normalizer: float = 1.0, call=None):
         """(loss sum / normalizer, detached (ce sum, kd sum)); packed rows come with `position_ids` and no
-        `attention_mask`."""
+        `attention_mask`. With `call`, call() instead (`Trainer.with_whole_student`)."""
+        if call is not None:
+            return call()
         hidden = target_hidden(self.model, input_ids, attention_mask, rows, cols, position_ids)
         sums = distillation_loss(hidden, functools.partial(vocab_logprobs, self.model), targets, teacher_ids,
                                  teacher_logprobs, self.loss, teacher_weights)
@@ -426,18 +431,16 @@ class Trainer:
             self.module.set_requires_gradient_sync(last)
         return self.parallel.no_sync() if self.parallel is not None and not last else contextlib.nullcontext()
 
-    @contextlib.contextmanager
-    def whole_student(self):
-        """The student usable outside the training step (evaluation, SAR's targets): a sharded student's
-        root parameters (embeddings, head) gathered, on every rank, which must all run the same forwards."""
+    def with_whole_student(self, fn: Callable[[], object]):
+        """fn(), which uses the student outside the training step (evaluation, SAR's targets): a sharded
+        student runs it inside its root unit's forward, which gathers the root's parameters (embeddings,
+        head) on every rank; all ranks must call it and run the same forwards."""
         if not self.sharded:
-            yield
-            return
-        self.module.unshard()
+            return fn()
         try:
-            yield
+            return self.module(call=fn)
         finally:
-            self.module.reshard()
+            self.module.reshard()  # no backward follows to reshard the root: its sharded parameters come back
 
     def student_weights(self) -> dict | None:
         """The student's full weights, on rank 0, where they are sharded (every rank calls this); None where
@@ -747,7 +750,7 @@ class Run:
         """(the student in training mode, its tokenizer): the newest checkpoint's when resuming."""
         self.tokenizer = load_tokenizer(self.config.student)
         self.student = load_model(self.latest or self.config.student, dtype="float32",
-                                  device=self.processes.device).train()
+                                  device=self.processes.device, attention=self.config.attention).train()
         if self.config.gradient_checkpointing:
             self.student.activation_checkpointing_enable({"use_reentrant": False})
         return self.student, self.tokenizer
@@ -840,8 +843,7 @@ class Run:
         step, config, rank0 = record["step"], self.config, self.processes.rank == 0
         evaluating = (self.eval_data or config.eval_cache) and self.due(config.eval_every, step)
         if evaluating and (rank0 or self.trainer.sharded):  # a sharded student evaluates on every rank
-            with self.trainer.whole_student():
-                metrics = self.evaluate()
+            metrics = self.trainer.with_whole_student(self.evaluate)
             if rank0:
                 record |= metrics
         if rank0:

@@ -130,7 +130,8 @@ class Step:
         run = self.run
         batches = [self.sequences(batch).to(run.processes.device) for batch in batches]
         with self.evaluating():
-            student_logprobs = [target_logprobs(run.student, batch) for batch in batches]
+            student_logprobs = run.trainer.with_whole_student(
+                lambda: [target_logprobs(run.student, batch) for batch in batches])
         routers = self.router_trainer.step(batches, student_logprobs)
         return run.trainer.step([run.teacher.teach(batch) for batch in batches]) | routers
 
@@ -140,7 +141,7 @@ class Step:
         student = self.run.student
         student.eval()
         try:
-            with torch.no_grad(), self.run.autocast(), self.run.trainer.whole_student():
+            with torch.no_grad(), self.run.autocast():
                 yield
         finally:
             student.train()

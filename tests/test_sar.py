@@ -336,8 +336,9 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_on_policy_run(tmp_path, teac
     assert all(torch.equal(routers[name], expected[name]) for name in routers)
 
 
-def test_ddp_on_two_processes_matches_one_process_with_both_ranks_batches(
-    tmp_path, teacher_dir, student_dir, prepared,
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_process_with_both_ranks_batches(
+    tmp_path, teacher_dir, student_dir, prepared, parallel,
 ):
     steps, batch_size, shard_size = 3, 2, 8
     common = ["--teacher", str(teacher_dir("mixtral")), "--student", str(student_dir), "--data", str(prepared),
@@ -345,7 +346,7 @@ def test_ddp_on_two_processes_matches_one_process_with_both_ranks_batches(
               "--shuffle-shards", "1", "--device", "cpu", "--dtype", "float32", "optim.lr=0.003",
               "optim.warmup_steps=1", "router.optim.lr=0.01", "router.optim.warmup_steps=1"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "pipeline.cli", "sar", str(tmp_path / "ddp"), *common]
+               "-m", "pipeline.cli", "sar", str(tmp_path / "ddp"), *common, f"parallel={parallel}"]
     done = subprocess.run(command, env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -388,12 +388,15 @@ def test_packing_keeps_every_target_and_gives_each_row_its_own_positions(ka_cach
 
 def test_packed_rows_train_as_the_padded_ones(tmp_path, ka_cache, student_dir):
     padded = run_train(tmp_path / "padded", student_dir, cache=ka_cache, batch_size=8)
-    packed = run_train(tmp_path / "packed", student_dir, cache=ka_cache, batch_size=8, pack_length=128)
-    for a, b in zip(padded, packed, strict=True):
-        for key in ("loss", "ce", "kd", "grad_norm", "tokens"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5), key
-        assert len(a["peak_memory_mib"]) == 1 and a["peak_memory_mib"][0] > 0  # one rank
-    assert_same_weights(weights(tmp_path / "packed/final"), weights(tmp_path / "padded/final"), atol=1e-5)
+    for name, attention in (("packed", None), ("packed-eager", "eager")):  # transformers' default is sdpa
+        packed = run_train(tmp_path / name, student_dir, cache=ka_cache, batch_size=8, pack_length=128,
+                           attention=attention)
+        for a, b in zip(padded, packed, strict=True):
+            for key in ("loss", "ce", "kd", "grad_norm", "tokens"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5), key
+            assert len(a["peak_memory_mib"]) == 1 and a["peak_memory_mib"][0] > 0  # one rank
+        assert_same_weights(weights(tmp_path / name / "final"), weights(tmp_path / "padded/final"), atol=1e-5)
+    assert load_model(student_dir, device="cpu", attention="eager").config._attn_implementation == "eager"
 
 
 def test_a_student_that_lets_packed_rows_see_each_other_is_refused(tmp_path, ka_cache, tokenizer_dir):
