@@ -1,4 +1,4 @@
-"""Training a student: the run's settings and lifecycle, the optimizer step, DDP, checkpoints, the step walk.
+"""Training a student: the run's settings and lifecycle, the optimizer step, DDP/FSDP, checkpoints, the step walk.
 
 Shared by `moekd train` and `moekd sar`: each stage opens a `Run`, gives it
 its teacher (`pipeline.teacher`) and its step, and the run does the rest.
@@ -6,15 +6,18 @@ its teacher (`pipeline.teacher`) and its step, and the run does the rest.
 - One optimizer step takes this rank's micro-batches (gradient accumulation)
   and divides the summed loss by the number of target tokens in the whole
   step: every micro-batch of every rank (an all-reduce). Together with DDP's
-  gradient averaging (undone by a factor world_size), the gradient is exactly
-  that of one batch holding all of them, however they are split.
-- Mixed precision is bfloat16 autocast over float32 weights and AdamW state.
+  or FSDP's gradient averaging (undone by a factor world_size), the gradient
+  is exactly that of one batch holding all of them, however they are split.
+- Mixed precision is bfloat16 autocast over float32 weights and AdamW state
+  (and, under FSDP, parameters gathered in bfloat16).
 - A checkpoint is a directory `step-NNNNNNNN/`: the student (save_pretrained,
-  so `moekd eval` can load it), its tokenizer and `trainer.pt` (optimizer,
-  step, the reader's position, every rank's RNG states, ...). It is written
+  so `moekd eval` can load it), its tokenizer and `trainer.pt` (the whole
+  optimizer state by parameter name, step, the reader's position, every
+  rank's RNG states, ...), whatever the ranks and their kind, so it resumes
+  on any number of ranks. It is written
   under a temporary name, fsynced and renamed, so a listed checkpoint is whole.
-- A run directory holds run.json (the settings that decide the numbers and
-  the run's inputs by content), run.lock (held by the process running it),
+- A run directory holds run.json (the settings that decide the numbers, the
+  ranks it last ran on, and the run's inputs by content), run.lock (held by the process running it),
   metrics.jsonl, checkpoints/ and final/. A re-run with the same settings
   resumes from the newest checkpoint (or finds the run finished); other
   settings are refused unless overwrite, which starts afresh; other inputs
@@ -718,7 +721,11 @@ class Run:
         self.config, self.name, self.also_clear = config, name, also_clear
         self.output = Path(config.output)
         self.processes = Distributed(config.device)
-        self.identity, self.latest = open_run(config, self.processes, RESUMABLE_WITH_CHANGES)
+        try:
+            self.identity, self.latest = open_run(config, self.processes, RESUMABLE_WITH_CHANGES)
+        except BaseException:  # no __exit__ follows a failed __init__: leave the process group here
+            self.processes.stop()
+            raise
         self.autocast_dtype = autocast_dtype(config.dtype, self.processes.device)
         self.log = MetricsLog(self.output / METRICS_FILE)
         self.lock: FileLock | None = None

@@ -19,8 +19,9 @@ The three are the teachers of `pipeline.teacher`; the run around them
 with `moekd sar`. Batches come from `pipeline.reader`: a seeded shuffle over
 windows of `shuffle_shards` shards, grouped by length, decoded ahead in a
 thread. Training lasts `max_steps` optimizer steps, or `epochs` passes. Under
-torchrun each rank trains on its own shards with DDP; all take the same
-number of steps, and rank 0 writes everything.
+torchrun each rank trains on its own shards, with the student replicated
+(`parallel: ddp`) or sharded (`fsdp`); all take the same number of steps, and
+rank 0 writes everything. A run resumes on another number of ranks too.
 
 Writes to `output`: run.json (the settings), metrics.jsonl (per step: loss,
 ce, kd, lr, grad_norm, response tokens trained on so far and per second

@@ -182,6 +182,18 @@ def test_two_processes_match_one_process_with_both_ranks_batches(tmp_path, ka_ca
     assert_same_weights(weights(tmp_path / "ddp/final"), model.state_dict(), atol=1e-5)
 
 
+def test_a_refusal_on_two_ranks_ends_both_cleanly(tmp_path, ka_cache, student_dir):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken/run.json").write_text('{"config": {}}')  # another run's directory
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "pipeline.cli", "train", str(tmp_path / "taken"), "--student", str(student_dir),
+               "--cache", str(ka_cache), "--max-steps", "1", "--device", "cpu"]
+    done = subprocess.run(command, env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.count("holds a run with other settings") == 2  # each rank's one line
+    assert "terminate called" not in done.stderr and "SIGABRT" not in done.stderr  # the process group was left
+
+
 def test_a_sharded_run_resumes_on_two_ranks_as_it_ran_and_on_one_with_the_rest_of_the_epoch(
         tmp_path, splits, ka_cache, student_dir):
     steps, accum, batch_size, at = 5, 2, 2, 2
