@@ -17,11 +17,12 @@ its teacher (`pipeline.teacher`) and its step, and the run does the rest.
   on any number of ranks. It is written
   under a temporary name, fsynced and renamed, so a listed checkpoint is whole.
 - A run directory holds run.json (the settings that decide the numbers, the
-  ranks it last ran on, and the run's inputs by content), run.lock (held by the process running it),
-  metrics.jsonl, checkpoints/ and final/. A re-run with the same settings
-  resumes from the newest checkpoint (or finds the run finished); other
-  settings are refused unless overwrite, which starts afresh; other inputs
-  (another cache, data, teacher or starting student) always.
+  ranks it last ran on, and the run's inputs by content), run.lock (held by
+  the process running it), metrics.jsonl, checkpoints/ and final/. A re-run
+  with the same settings resumes from the newest checkpoint (or finds the run
+  finished); other settings are refused unless overwrite, which starts
+  afresh; other inputs (another cache, data, teacher or starting student)
+  always.
 """
 
 from __future__ import annotations

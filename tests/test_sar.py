@@ -404,6 +404,7 @@ def test_a_dense_teacher_and_other_tokenizers_or_vocabularies_are_refused(
     (["router.optim.grad_accum=2"], "router.optim.grad_accum must stay 1"),
     (["router.jsd_beta=1"], "router.jsd_beta must be in \\(0, 1\\), got 1"),
     (["sequences=teacher"], "sequences must be one of 'data', 'student'"),
+    (["sequences=student", "parallel=fsdp"], "a sharded student cannot"),
 ])
 def test_config_mistakes_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):

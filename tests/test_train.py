@@ -368,6 +368,8 @@ def test_other_settings_are_refused_unless_overwrite_and_a_finished_run_is_a_no_
     (["data=d", "loss.alpha=0", "ka_samples=one"], "ka_samples=one picks teacher samples"),
     (["cache=c", "routing.mode=ka"], "routing and top_k apply to online KD"),
     (["cache=c", "eval_every=10"], "eval_every needs eval_data or eval_cache"),
+    (["cache=c", "pack_length=0"], "pack_length must be at least 1"),
+    (["cache=c", "parallel=zero3"], "parallel must be one of 'ddp', 'fsdp'"),
 ])
 def test_config_mistakes_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
