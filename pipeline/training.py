@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -58,7 +59,7 @@ from tqdm import tqdm
 from pipeline.config import to_dict
 from pipeline.distributed import worker_slot
 from pipeline.errors import MoekdError, first_line
-from pipeline.batch import Batch, pack
+from pipeline.batch import Batch, make_batch, pack
 from pipeline.data import PreparedData
 from pipeline.evaluation import cache_kl, response_loss
 from pipeline.files import (
@@ -314,15 +315,9 @@ def check_packing(model: nn.Module) -> None:
     give a packed row the hidden states it has alone); checked on three short rows of random tokens."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)
-    lengths = [5, 3, 4]
-    rows = [torch.randint(vocab_size(model), (n,), generator=generator) for n in lengths]
-    input_ids = torch.zeros((len(rows), max(lengths)), dtype=torch.long)
-    for r, row in enumerate(rows):
-        input_ids[r, : len(row)] = row
-    batch = Batch([], input_ids, (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long(),
-                  torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths)),
-                  torch.cat([torch.arange(n) for n in lengths]), torch.zeros(sum(lengths), dtype=torch.long))
-    packed = pack(batch.to(device), pack_length=sum(lengths))
+    rows = [torch.randint(vocab_size(model), (n,), generator=generator).numpy() for n in (5, 3, 4)]
+    batch = make_batch(list(range(len(rows))), rows, [np.arange(len(row) - 1) for row in rows], pad_id=0)
+    packed = pack(batch.to(device), pack_length=sum(map(len, rows)))
     kind, training = model.config.model_type, model.training
     model.eval()  # no dropout
     with torch.no_grad():
