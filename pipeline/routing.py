@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Iterator, Literal
 
@@ -261,8 +261,11 @@ class Router:
     block: torch.nn.Module  # the MoE block that holds it
     family: str  # the model_type, a key of RULES
     rule: Rule
-    num_experts: int
-    top_k: int
+    num_experts: int = field(init=False)  # from the rule's `experts` and `top_k` paths
+    top_k: int = field(init=False)
+
+    def __post_init__(self):
+        self.num_experts, self.top_k = self.attribute(self.rule.experts), self.attribute(self.rule.top_k)
 
     def attribute(self, path: str):
         """A dotted attribute of the router, or of its MoE block where `path` starts with `block.`."""
@@ -274,12 +277,11 @@ def find_routers(model) -> list[Router]:
     """The MoE router modules of `model` in layer order; refuses dense and unsupported models."""
     model_type = family(model)
     rule = RULES.get(model_type)
-    routers = []
-    for name, module in model.named_modules():
-        if rule is not None and type(module).__name__ == rule.router:
-            router = Router(name, module, model.get_submodule(name.rpartition(".")[0]), model_type, rule, 0, 0)
-            router.num_experts, router.top_k = router.attribute(rule.experts), router.attribute(rule.top_k)
-            routers.append(router)
+    routers = [
+        Router(name, module, model.get_submodule(name.rpartition(".")[0]), model_type, rule)
+        for name, module in model.named_modules()
+        if rule is not None and type(module).__name__ == rule.router
+    ]
     if routers:
         text = model.config.get_text_config()
         for name, value in rule.requires:
