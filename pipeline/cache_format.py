@@ -1,7 +1,8 @@
-"""The teacher-logit cache on disk: Parquet shards, the manifest, and verification.
+"""The teacher-logit cache: Parquet shards, the manifest, commit records, and verification.
 
-A cache directory holds `manifest.json` and `shards/shard-NNNNN.parquet`. Each
-shard row is one prepared sequence; its teacher distributions are the top-`k`
+A cache (a local directory or an object-store prefix, `pipeline.storage`)
+holds `manifest.json`, `shards/shard-NNNNN-<sha256[:16]>.parquet` and
+`commits/shard-NNNNN.json`. Each shard row is one prepared sequence; its teacher distributions are the top-`k`
 entries of `M` samples at the `T` positions whose next token is a training
 target.
 
@@ -39,7 +40,8 @@ statistics; one row per sequence, rows in `seq_id` order):
 
 Reading one row with nothing but pyarrow and numpy:
 
-    table = pyarrow.parquet.read_table("shards/shard-00000.parquet")
+    record = json.load(open("commits/shard-00000.json"))  # shard 0 as committed
+    table = pyarrow.parquet.read_table(record["file"])
     spec = json.loads(table.schema.metadata[b"moekd"])
     M, k = spec["num_samples"], spec["k"]
     T = len(table["positions"][0])
@@ -60,15 +62,30 @@ mixture, a sample then a token), as the distinct ids drawn and their counts:
 The counts divided by `draws` are an unbiased estimate of the teacher's
 distribution (of the mean of the M samples' distributions).
 
-`manifest.json` (sorted keys, no timestamps):
+`manifest.json` (sorted keys, no timestamps), created once by the first
+writer and never changed:
 
-    {"format": "moekd-teacher-cache", "version": 2,
+    {"format": "moekd-teacher-cache", "version": 3,
      "identity": {...everything the shards depend on, including "encoding"...},
-     "info": {...informative only: paths, host...},
-     "shards": [{"index", "file", "rows", "tokens", "bytes", "sha256"}, ...]}
+     "info": {...informative only: paths, host...}}
 
-`tokens` counts stored positions (sum of T). A shard enters the manifest only
-after its file is complete, so the manifest lists exactly the finished shards.
+The commit protocol needs no rename and no lock, so it holds on object
+stores and on file systems that ignore `flock` alike. A writer puts the shard
+object whole, under a name holding its sha256 (two writers of one shard never
+overwrite each other), then creates its commit record
+`commits/shard-NNNNN.json` only if absent (a conditional put):
+
+    {"cache": sha256 of the identity, "index", "file", "rows", "tokens", "bytes", "sha256"}
+
+The first record wins; a later writer of the same shard deletes its own object
+(unless it holds the same bytes), and the winner deletes objects that killed
+writers of that shard left. Before computing a shard a writer creates
+`claims/shard-NNNNN.json` the same way, so concurrent writers mostly take
+different shards; a claim is only a hint (a killed writer's is taken over). The committed shards are exactly the commit
+records, gathered on read; a shard object without one is not part of the
+cache. `tokens` counts stored positions (sum of T). Caches of versions 1 and 2
+(one manifest listing every shard, `shards/shard-NNNNN.parquet`) are read,
+not resumed.
 """
 
 from __future__ import annotations
@@ -78,6 +95,7 @@ import hashlib
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,16 +105,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import MoekdError
-from pipeline.files import (
-    FileLock, atomic_write, atomic_write_json, open_confined, plain_directory, read_confined, read_json, sha256_file,
-)
+from pipeline.storage import Store, open_store, temporary_tag
 
 FORMAT_NAME = "moekd-teacher-cache"
-FORMAT_VERSION = 2  # of the manifest; version 1 manifests (top-k caches only) are read as well
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # of the manifest and commit records; caches of versions 1-2 (one manifest listing every
+READABLE_VERSIONS = (1, 2, 3)  # shard, written under locks) are read as well
+COMMIT_RECORDS_VERSION = 3
 TOPK_FORMAT, SAMPLED_FORMAT = 1, 2  # of a shard's layout, by storage
 MANIFEST = "manifest.json"
 SHARDS = "shards"
+COMMITS = "commits"
+CLAIMS = "claims"
 ZSTD_LEVEL = 3  # on real top-64 shards level 9 saves ~2% at 3-5x the write time, 19 saves 4-8% at 30-40x
 ROW_GROUP_ROWS = 64  # rows read together by `read_shard(rows=...)`
 METADATA_KEY = b"moekd"
@@ -192,33 +211,36 @@ def encoding_spec(*, vocab_size: int, num_samples: int, k: int | None = None, wi
     }
 
 
-def shard_path(cache_dir: Path, index: int) -> Path:
-    return Path(cache_dir) / SHARDS / f"shard-{index:05d}.parquet"
-
-
-def shard_lock(cache_dir: Path, index: int) -> FileLock:
-    """The lock a process holds while it computes and writes shard `index`."""
-    return FileLock(Path(cache_dir) / SHARDS / f"shard-{index:05d}.lock")
+def shard_name(index: int, sha256: str) -> str:
+    """Where shard `index` with these contents lives: named by its index and the start of its sha256, so two
+    writers of one shard never overwrite each other's object."""
+    return f"{SHARDS}/shard-{index:05d}-{sha256[:16]}.parquet"
 
 
 # ---------------------------------------------------------------- writing
 
 
-def write_shard(cache_dir: Path, index: int, records: list[TeacherRecord], **encoding) -> ShardInfo:
-    """Encode `records` into shard `index` atomically (`encoding`: `encoding_spec`'s arguments); the same
-    records give the same bytes."""
+def encode_shard(records: list[TeacherRecord], **encoding) -> bytes:
+    """The Parquet bytes of a shard of `records` (`encoding`: `encoding_spec`'s arguments); the same records
+    give the same bytes."""
     spec = encoding_spec(**encoding)
     for record in records:
         _check_record(record, spec)
     if any(a.seq_id >= b.seq_id for a, b in zip(records, records[1:])):
-        raise ValueError(f"shard {index}: records must be in ascending seq_id order")
-    table = _encode(records, spec)
-    path = shard_path(cache_dir, index)
-    atomic_write(path, lambda tmp: write_parquet(table, tmp))
-    return ShardInfo(
-        index=index, file=f"{SHARDS}/{path.name}", rows=len(records),
-        tokens=sum(len(r.positions) for r in records), bytes=path.stat().st_size, sha256=sha256_file(path),
-    )
+        raise ValueError("a shard's records must be in ascending seq_id order")
+    sink = pa.BufferOutputStream()
+    write_parquet(_encode(records, spec), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def write_shard(location: str | Path | Store, index: int, records: list[TeacherRecord], **encoding) -> ShardInfo:
+    """Write shard `index` of `records` as an immutable object; it counts once `Manifest.commit` commits it."""
+    data = encode_shard(records, **encoding)
+    sha256 = hashlib.sha256(data).hexdigest()
+    info = ShardInfo(index=index, file=shard_name(index, sha256), rows=len(records),
+                     tokens=sum(len(r.positions) for r in records), bytes=len(data), sha256=sha256)
+    open_store(location).put(info.file, data)  # an object of this name can only hold these bytes
+    return info
 
 
 def write_parquet(table: pa.Table, where, encodings: dict[str, str] = COLUMN_ENCODINGS) -> None:
@@ -447,139 +469,227 @@ def _decode(table: pa.Table, spec: dict) -> list[TeacherRecord]:
     return records
 
 
-# ---------------------------------------------------------------- manifest
+# ---------------------------------------------------------------- manifest and commits
 
 
 @dataclass
 class Manifest:
-    """The list of committed shards plus what the cache was built from."""
+    """What the cache was built from, and its committed shards (gathered from their commit records)."""
 
-    directory: Path
+    store: Store
     identity: dict
     info: dict
     shards: dict[int, ShardInfo]
+    version: int = FORMAT_VERSION
+
+    @property
+    def location(self) -> str:
+        return str(self.store)
 
     @classmethod
-    def open(cls, cache_dir: Path, identity: dict, info: dict, overwrite: bool) -> "Manifest":
-        """Resume the cache in `cache_dir`, or start one.
+    def open(cls, location: str | Path | Store, identity: dict, info: dict, overwrite: bool) -> "Manifest":
+        """Resume the cache at `location`, or start one.
 
         `identity` (which must hold "encoding": `encoding_spec(...)`) is
         everything the shards depend on; an existing cache with a different
         identity is refused, naming the fields that differ, unless `overwrite`,
-        which deletes its shards and manifest. A cache with the same identity is
-        always resumed, so workers started together can all call this with
-        overwrite set. `info` is informative: the first writer's is kept.
+        which deletes its shards, commit records and manifest. A cache with the
+        same identity is always resumed, so workers started together can all
+        call this with overwrite set. `info` is informative: the first writer's
+        is kept (the manifest is created once, with a conditional put).
         """
-        cache_dir = Path(cache_dir)
+        store = open_store(location)
         if "encoding" not in identity:
             raise ValueError("identity must include 'encoding' (see encoding_spec)")
         identity, info = _as_json(identity), _as_json(info)
-        if overwrite and (cache_dir / SHARDS).is_symlink():
-            os.unlink(cache_dir / SHARDS)  # the link itself goes; what it points to is left alone
-        plain_directory(cache_dir / SHARDS, "the cache's shard directory")
-        with _manifest_lock(cache_dir):
-            if (cache_dir / MANIFEST).exists():
-                try:
-                    existing = cls.load(cache_dir)
-                except MoekdError:
-                    if not overwrite:
-                        raise
-                    existing = None
-                if existing is not None:
-                    differences = _differences(existing.identity, identity)
-                    if not differences:
-                        return existing
-                    if not overwrite:
-                        raise MoekdError(
-                            f"{cache_dir} holds a teacher cache built with different settings: "
-                            + "; ".join(differences)
-                            + ". Set overwrite=true to replace it, or choose another output directory."
-                        )
-                _remove_cache(cache_dir)
-            manifest = cls(cache_dir, identity, info, {})
-            manifest._write()
+        if overwrite and not store.remote and (Path(store.root) / SHARDS).is_symlink():
+            os.unlink(Path(store.root) / SHARDS)  # the link itself goes; what it points to is left alone
+        for folder in (SHARDS, COMMITS, CLAIMS):
+            store.check_folder(folder)
+        try:
+            existing = cls.load(store) if store.exists(MANIFEST) else None
+        except MoekdError:
+            if not overwrite:
+                raise
+            existing = None
+        if existing is not None:
+            differences = _differences(existing.identity, identity)
+            if not differences and existing.version < COMMIT_RECORDS_VERSION:
+                raise MoekdError(f"{store} was written by an earlier moekd (cache format version "
+                                 f"{existing.version}, one manifest listing every shard); it can be read but not "
+                                 "resumed. Finish it with that version, or set overwrite=true to rebuild it.")
+            if not differences:
+                return existing
+            if not overwrite:
+                raise MoekdError(f"{store} holds a teacher cache built with different settings: "
+                                 + "; ".join(differences)
+                                 + ". Set overwrite=true to replace it, or choose another output location.")
+        if overwrite:
+            _remove_cache(store)
+        manifest = cls(store, identity, info, {})
+        if not store.create(MANIFEST, _json_bytes({"format": FORMAT_NAME, "version": FORMAT_VERSION,
+                                                   "identity": identity, "info": info})):
+            return cls.open(store, identity, info, overwrite=False)  # another writer started it just now
         return manifest
 
     @classmethod
-    def load(cls, cache_dir: Path) -> "Manifest":
-        """Read `cache_dir/manifest.json`, checked field by field: a missing, malformed or foreign manifest is
-        a one-line error. Each shard's file must be `shards/shard-NNNNN.parquet` for its own index, so no
-        entry can point outside the cache."""
-        cache_dir = Path(cache_dir)
-        path = cache_dir / MANIFEST
-        if path.is_symlink():
-            raise MoekdError(f"{path} is a symbolic link; a cache's manifest must be its own file")
-        data = read_json(path, "teacher-cache manifest")
-        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-            raise MoekdError(f"{path} is not a moekd teacher-cache manifest (format must be {FORMAT_NAME!r})")
-        if data.get("version") not in READABLE_VERSIONS:
-            raise MoekdError(f"{path} has cache format version {data.get('version')!r}; this moekd "
-                             f"reads versions {', '.join(map(str, READABLE_VERSIONS))}. Rebuild the cache "
-                             "(overwrite=true).")
-        problem = _manifest_problem(data)
-        if problem:
-            raise MoekdError(f"{path} is malformed: {problem}")
-        shards = {s["index"]: ShardInfo(**s) for s in data["shards"]}
-        return cls(cache_dir, data["identity"], data["info"], shards)
-
-    def shard_bytes(self, index: int) -> bytes:
-        """Shard `index` as committed: read without following links below the cache directory, and refused
-        unless its size and sha256 are the manifest's (it may have changed since it was committed)."""
-        info = self.shards[index]
-        data = read_confined(self.directory, info.file, "shard file")
-        if len(data) != info.bytes or hashlib.sha256(data).hexdigest() != info.sha256:
-            raise MoekdError(f"teacher-cache shard {self.directory / info.file} does not match its manifest entry "
-                             f"(size or sha256): it changed after it was committed. `moekd verify "
-                             f"{self.directory}` lists the damage; rebuild those shards with `moekd cache`.")
-        return data
-
-    def read_shard(self, index: int, rows: list[int] | None = None) -> list[TeacherRecord]:
-        """The records of shard `index` (or of its `rows`), from bytes checked against the manifest."""
+    def load(cls, location: str | Path | Store) -> "Manifest":
+        """Read the manifest at `location` and gather the commit records, each checked field by field: a
+        missing, malformed or foreign manifest or record is a one-line error. A shard's file must be
+        `shards/shard-NNNNN[-<sha256 prefix>].parquet` for its own index, so no entry can point elsewhere."""
+        store = open_store(location)
+        where = store.url(MANIFEST)
         try:
-            return read_shard(pa.BufferReader(self.shard_bytes(index)), rows)
-        except IndexError as e:  # rows the manifest promised but the shard lacks
-            raise _unreadable(self.directory / self.shards[index].file, e) from None
+            raw = store.read(MANIFEST)
+        except FileNotFoundError:
+            raise MoekdError(f"teacher-cache manifest not found: {where}") from None
+        data = _parse_json(raw, f"teacher-cache manifest {where}")
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise MoekdError(f"{where} is not a moekd teacher-cache manifest (format must be {FORMAT_NAME!r})")
+        version = data.get("version")
+        if version not in READABLE_VERSIONS:
+            raise MoekdError(f"{where} has cache format version {version!r}; this moekd reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}. Rebuild the cache (overwrite=true).")
+        problem = _manifest_problem(data, listed=version < COMMIT_RECORDS_VERSION)
+        if problem:
+            raise MoekdError(f"{where} is malformed: {problem}")
+        manifest = cls(store, data["identity"], data["info"], {}, version)
+        if version < COMMIT_RECORDS_VERSION:
+            manifest.shards = {s["index"]: ShardInfo(**s) for s in data["shards"]}
+        else:
+            manifest.gather()
+        return manifest
 
-    def read_shard_index(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(seq_ids, T) of shard `index` from its small columns, opened confined and its size checked (the
-        whole file is hashed when `read_shard` reads it)."""
-        info = self.shards[index]
-        with os.fdopen(open_confined(self.directory, info.file, "shard file"), "rb") as f:
-            if os.fstat(f.fileno()).st_size != info.bytes:
-                raise MoekdError(f"teacher-cache shard {self.directory / info.file} is not the size its manifest "
-                                 f"entry says ({info.bytes} bytes); run `moekd verify {self.directory}`")
-            return read_shard_index(f)
+    def gather(self) -> None:
+        """Add the shards committed since this manifest last looked (other processes may be writing)."""
+        if self.version < COMMIT_RECORDS_VERSION:
+            return
+        names = [n for n in self.store.list(COMMITS) if n.endswith(".json")]
+        new = [n for n in names if _commit_index(n) not in self.shards]
+        with ThreadPoolExecutor(16 if self.store.remote else 1) as pool:  # a remote read is a round trip
+            for name, raw in zip(new, pool.map(self.store.read, new)):
+                info = self._record(name, raw)
+                self.shards[info.index] = info
+        self.shards = dict(sorted(self.shards.items()))
 
-    def reload(self) -> "Manifest":
-        """The manifest as it is on disk now (other processes may have committed since)."""
-        return Manifest.load(self.directory)
+    def _record(self, name: str, raw: bytes) -> ShardInfo:
+        where = self.store.url(name)
+        record = _parse_json(raw, f"commit record {where}")
+        if not isinstance(record, dict) or record.get("cache") != identity_hash(self.identity):
+            raise MoekdError(f"commit record {where} does not belong to this cache (its \"cache\" is not the hash "
+                             "of the manifest's identity); the cache was replaced while being written, or tampered "
+                             "with. Rebuild it with overwrite=true.")
+        record.pop("cache")
+        problem = _shard_problem(record, "record")
+        if problem is None and _commit_index(name) != record["index"]:
+            problem = f"it is named for shard {_commit_index(name)} but describes shard {record['index']}"
+        if problem:
+            raise MoekdError(f"commit record {where} is malformed: {problem}")
+        return ShardInfo(**record)
 
     def committed(self) -> set[int]:
         return set(self.shards)
 
-    def commit(self, info: ShardInfo) -> None:
-        """Add a written shard; safe when several processes commit into one manifest."""
-        with _manifest_lock(self.directory):
-            current = self.reload()
-            if current.identity != self.identity:
-                raise MoekdError(f"{self.directory / MANIFEST} was replaced by a run with different "
-                                 f"settings while this one was writing shard {info.index}")
-            current.shards[info.index] = info
-            current._write()
-        self.shards = current.shards
+    def complete(self) -> bool:
+        """Whether every shard the identity announces is committed (a foreign cache that says nothing is)."""
+        expected = self.identity.get("num_shards")
+        return expected is None or len(self.shards) >= expected
 
-    def _write(self) -> None:
-        atomic_write_json(self.directory / MANIFEST, {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "identity": self.identity,
-            "info": self.info,
-            "shards": [dataclasses.asdict(self.shards[i]) for i in sorted(self.shards)],
-        })
+    def claim(self, index: int) -> bool:
+        """Announce that this process computes shard `index`, unless another did (a conditional put). A claim is a
+        hint that spares concurrent writers duplicate work; only commit records count, so a claim a killed
+        writer left is simply taken over (`moekd cache` computes claimed shards last)."""
+        return self.store.create(claim_name(index), _json_bytes({"writer": temporary_tag()}))
+
+    def commit(self, info: ShardInfo) -> bool:
+        """Commit a written shard: create its commit record if no other process has (a conditional put). The
+        loser's shard object is deleted unless it is the winner's (same bytes, same name); the winner deletes
+        what killed writers of the shard left. Returns whether this call committed it."""
+        current = _parse_json(self.store.read(MANIFEST), "teacher-cache manifest")
+        if not isinstance(current, dict) or current.get("identity") != self.identity:
+            raise MoekdError(f"{self.store.url(MANIFEST)} was replaced by a run with different settings while "
+                             f"this one was writing shard {info.index}")
+        record = {"cache": identity_hash(self.identity), **dataclasses.asdict(info)}
+        won = self.store.create(commit_name(info.index), _json_bytes(record))
+        self.store.delete(claim_name(info.index))
+        if not won:
+            winner = self._record(commit_name(info.index), self.store.read(commit_name(info.index)))
+            if winner.file != info.file:
+                self.store.delete(info.file)
+            self.shards[info.index] = winner
+            return False
+        self.shards[info.index] = info
+        for name in self.store.list(SHARDS):
+            if name.startswith(f"{SHARDS}/shard-{info.index:05d}-") and name.endswith(".parquet") \
+                    and name != info.file:
+                self.store.delete(name)
+        return True
+
+    def shard_bytes(self, index: int) -> bytes:
+        """Shard `index` as committed, refused unless its size and sha256 are the commit record's (it may have
+        changed since it was committed). Local files are read without following links below the cache."""
+        info = self.shards[index]
+        try:
+            data = self.store.read(info.file)
+        except FileNotFoundError:
+            raise MoekdError(f"teacher-cache shard {self.store.url(info.file)} is missing; `moekd verify "
+                             f"{self.store}` lists the damage") from None
+        if len(data) != info.bytes or hashlib.sha256(data).hexdigest() != info.sha256:
+            raise MoekdError(f"teacher-cache shard {self.store.url(info.file)} does not match its commit record "
+                             f"(size or sha256): it changed after it was committed. `moekd verify {self.store}` "
+                             "lists the damage; rebuild those shards with `moekd cache`.")
+        return data
+
+    def read_shard(self, index: int, rows: list[int] | None = None) -> list[TeacherRecord]:
+        """The records of shard `index` (or of its `rows`), from bytes checked against the commit record."""
+        try:
+            return read_shard(pa.BufferReader(self.shard_bytes(index)), rows)
+        except IndexError as e:  # rows the record promised but the shard lacks
+            raise _unreadable(self.store.url(self.shards[index].file), e) from None
+
+    def read_shard_index(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(seq_ids, T) of shard `index` from its small columns (only they are fetched from a remote store), its
+        size checked (the whole file is hashed when `read_shard` reads it)."""
+        info = self.shards[index]
+        if self.store.size(info.file) != info.bytes:
+            raise MoekdError(f"teacher-cache shard {self.store.url(info.file)} is not the size its commit record "
+                             f"says ({info.bytes} bytes); run `moekd verify {self.store}`")
+        with self.store.open(info.file) as f:
+            return read_shard_index(f)
+
+    def reload(self) -> "Manifest":
+        """The cache as it is now (other processes may have committed since)."""
+        return Manifest.load(self.store)
 
 
-def _manifest_lock(cache_dir: Path) -> FileLock:
-    return FileLock(Path(cache_dir) / "manifest.lock")
+def commit_name(index: int) -> str:
+    return f"{COMMITS}/shard-{index:05d}.json"
+
+
+def claim_name(index: int) -> str:
+    return f"{CLAIMS}/shard-{index:05d}.json"
+
+
+def _commit_index(name: str) -> int | None:
+    match = COMMIT_FILE.fullmatch(name)
+    return int(match[1]) if match else None
+
+
+def identity_hash(identity: dict) -> str:
+    """The hash a commit record carries of its cache's identity, so a record never joins another cache."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _json_bytes(data: dict) -> bytes:
+    """Stable, human-readable JSON (sorted keys, trailing newline)."""
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _parse_json(raw: bytes, what: str):
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoekdError(f"{what} is not valid JSON: {e}") from None
 
 
 def _as_json(data: dict) -> dict:
@@ -597,22 +707,28 @@ def _differences(old, new, prefix: str = "") -> list[str]:
     return [f"{prefix.rstrip('.')} is {old!r} in the cache but {new!r} now"]
 
 
-def _remove_cache(cache_dir: Path) -> None:
-    """Delete the shards and the manifest (links among them are removed, never followed)."""
-    for path in plain_directory(cache_dir / SHARDS, "the cache's shard directory").glob("shard-*.parquet"):
-        path.unlink()
-    (cache_dir / MANIFEST).unlink(missing_ok=True)
+def _remove_cache(store: Store) -> None:
+    """Delete the commit records, the shards and, last, the manifest (links among them are removed, never
+    followed), so an interrupted removal never leaves a manifest over shards of another identity."""
+    for name in store.list(COMMITS) + store.list(CLAIMS):
+        store.delete(name)
+    for name in store.list(SHARDS):
+        if SHARD_FILE.fullmatch(name):
+            store.delete(name)
+    store.delete(MANIFEST)
 
 
-SHARD_FILE = re.compile(rf"{SHARDS}/shard-(\d{{5,}})\.parquet")
+SHARD_FILE = re.compile(rf"{SHARDS}/shard-(\d{{5,}})(?:-([0-9a-f]{{16}}))?\.parquet")
+COMMIT_FILE = re.compile(rf"{COMMITS}/shard-(\d{{5,}})\.json")
 SHARD_FIELDS = {"index": int, "file": str, "rows": int, "tokens": int, "bytes": int, "sha256": str}
 ENCODING_FIELDS = {"topk": {"vocab_size": int, "k": int, "num_samples": int, "aggregate": bool},
                    "sampled": {"vocab_size": int, "num_samples": int, "draws": int}}
 
 
-def _manifest_problem(data: dict) -> str | None:
-    """What is wrong with a parsed manifest (format and version checked), or None."""
-    for key, kind in (("identity", dict), ("info", dict), ("shards", list)):
+def _manifest_problem(data: dict, listed: bool) -> str | None:
+    """What is wrong with a parsed manifest (format and version checked), or None. `listed`: a version 1-2
+    manifest, which lists its shards."""
+    for key, kind in (("identity", dict), ("info", dict)) + ((("shards", list),) if listed else ()):
         if not isinstance(data.get(key), kind):
             return f"{key} must be a JSON {'object' if kind is dict else 'list'}"
     encoding = data["identity"].get("encoding")
@@ -626,50 +742,59 @@ def _manifest_problem(data: dict) -> str | None:
         if key in data["identity"] and type(data["identity"][key]) is not kind:
             return f"identity.{key} must be a {kind.__name__}"
     seen = set()
-    for i, shard in enumerate(data["shards"]):
-        if not isinstance(shard, dict) or set(shard) != set(SHARD_FIELDS):
-            return f"shards[{i}] must be an object with exactly {', '.join(SHARD_FIELDS)}"
-        for key, kind in SHARD_FIELDS.items():
-            if type(shard[key]) is not kind or (kind is int and shard[key] < 0):
-                return f"shards[{i}].{key} must be a {'non-negative integer' if kind is int else 'string'}"
-        match = SHARD_FILE.fullmatch(shard["file"])
-        if not match or int(match[1]) != shard["index"]:
-            return (f"shards[{i}].file is {shard['file']!r}, not {SHARDS}/shard-{shard['index']:05d}.parquet "
-                    "(a shard's file is named by its index, inside the cache)")
-        if not re.fullmatch(r"[0-9a-f]{64}", shard["sha256"]):
-            return f"shards[{i}].sha256 is not a sha256 hex digest"
-        if shard["index"] in seen:
-            return f"shards[{i}] repeats shard index {shard['index']}"
+    for i, shard in enumerate(data["shards"] if listed else ()):
+        problem = _shard_problem(shard, f"shards[{i}]")
+        if problem is None and shard["index"] in seen:
+            problem = f"shards[{i}] repeats shard index {shard['index']}"
+        if problem:
+            return problem
         seen.add(shard["index"])
+    return None
+
+
+def _shard_problem(shard, where: str) -> str | None:
+    """What is wrong with one shard entry (of a manifest's list, or a commit record), or None."""
+    if not isinstance(shard, dict) or set(shard) != set(SHARD_FIELDS):
+        return f"{where} must be an object with exactly {', '.join(SHARD_FIELDS)}"
+    for key, kind in SHARD_FIELDS.items():
+        if type(shard[key]) is not kind or (kind is int and shard[key] < 0):
+            return f"{where}.{key} must be a {'non-negative integer' if kind is int else 'string'}"
+    if not re.fullmatch(r"[0-9a-f]{64}", shard["sha256"]):
+        return f"{where}.sha256 is not a sha256 hex digest"
+    match = SHARD_FILE.fullmatch(shard["file"])
+    if not match or int(match[1]) != shard["index"] or match[2] not in (None, shard["sha256"][:16]):
+        return (f"{where}.file is {shard['file']!r}, not {SHARDS}/shard-{shard['index']:05d}-"
+                f"{shard['sha256'][:16]}.parquet (a shard's file is named by its index and content, inside the "
+                "cache)")
     return None
 
 
 # ---------------------------------------------------------------- verification
 
 
-def verify_cache(cache_dir: Path) -> list[str]:
-    """Check every committed shard against the manifest; one line per problem, [] if all good."""
-    manifest = Manifest.load(cache_dir)
+def verify_cache(location: str | Path | Store) -> list[str]:
+    """Check every committed shard against its commit record; one line per problem, [] if all good."""
+    manifest = Manifest.load(location)
     spec = manifest.identity["encoding"]
     problems = []
     for index in sorted(manifest.shards):
         info = manifest.shards[index]
-        problems += [f"shard {index} ({info.file}): {p}" for p in _shard_problems(Path(cache_dir), info, spec)]
+        problems += [f"shard {index} ({info.file}): {p}" for p in _shard_problems(manifest.store, info, spec)]
     return problems
 
 
-def _shard_problems(cache_dir: Path, info: ShardInfo, spec: dict) -> list[str]:
+def _shard_problems(store: Store, info: ShardInfo, spec: dict) -> list[str]:
     try:
-        data = read_confined(cache_dir, info.file, "shard file")
+        data = store.read(info.file)
     except FileNotFoundError:
         return ["file is missing"]
     except (MoekdError, OSError) as e:
         return [f"cannot be read: {e}"]
     problems = []
     if len(data) != info.bytes:
-        problems.append(f"size is {len(data)} bytes but the manifest says {info.bytes}")
+        problems.append(f"size is {len(data)} bytes but the commit record says {info.bytes}")
     elif hashlib.sha256(data).hexdigest() != info.sha256:
-        problems.append("sha256 differs from the manifest (the file changed after it was committed)")
+        problems.append("sha256 differs from the commit record (the file changed after it was committed)")
     try:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as e:
@@ -686,10 +811,10 @@ def _content_problems(table: pa.Table, info: ShardInfo, spec: dict) -> list[str]
         return ["encoding metadata differs from the manifest's identity.encoding"]
     problems = []
     if table.num_rows != info.rows:
-        problems.append(f"has {table.num_rows} rows but the manifest says {info.rows}")
+        problems.append(f"has {table.num_rows} rows but the commit record says {info.rows}")
     _, pos_bounds = _flat(table["positions"])
     if pos_bounds[-1] != info.tokens:
-        problems.append(f"has {pos_bounds[-1]} positions but the manifest says {info.tokens} tokens")
+        problems.append(f"has {pos_bounds[-1]} positions but the commit record says {info.tokens} tokens")
     if sampled(spec):
         return problems + _sample_problems(table, pos_bounds, spec)
     M, k, T = spec["num_samples"], spec["k"], np.diff(pos_bounds)

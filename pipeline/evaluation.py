@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -152,7 +151,7 @@ def response_loss(
 
 @torch.no_grad()
 def cache_kl(
-    model, cache_dir: str | Path, max_rows: int | None = None, batch_size: int = 8, pad_id: int = 0,
+    model, cache: str, max_rows: int | None = None, batch_size: int = 8, pad_id: int = 0,
     desc: str = "kl",
 ) -> dict:
     """{"kl", "tokens", "rows", "examples"}: mean over cached positions of (1/M) Σ_m KL(p^(m) ‖ q_model), and
@@ -163,10 +162,9 @@ def cache_kl(
     batches (`batch.collate_records`); `max_rows` keeps the first rows (in
     seq_id order) only.
     """
-    cache_dir = Path(cache_dir)
-    manifest = Manifest.load(cache_dir)
+    manifest = Manifest.load(cache)
     if sampled(manifest.identity["encoding"]):
-        raise MoekdError(f"{cache_dir} is a sampled cache: the KL to a teacher needs its probabilities, which "
+        raise MoekdError(f"{cache} is a sampled cache: the KL to a teacher needs its probabilities, which "
                          "draws only estimate; give a top-k cache of the held-out data")
     shards = [manifest.shards[i] for i in sorted(manifest.shards)]
     total_rows = sum(s.rows for s in shards) if max_rows is None else min(max_rows, sum(s.rows for s in shards))

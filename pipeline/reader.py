@@ -29,17 +29,19 @@ consumer.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
 
 from pipeline.cache_format import Manifest, TeacherRecord
 from pipeline.data import PreparedData, PreparedExample
+from pipeline.errors import MoekdError
 from pipeline.seeding import derive_seed
 
 
@@ -47,25 +49,64 @@ from pipeline.seeding import derive_seed
 
 class CacheShards:
     """The committed shards of a teacher cache (or a `subset` of their indices), in shard-index order; a row
-    is a TeacherRecord. Every read is checked against the manifest (`Manifest.read_shard`)."""
+    is a TeacherRecord. Every read is checked against the shard's commit record (`Manifest.read_shard`).
 
-    def __init__(self, cache_dir: str | Path, subset: list[int] | None = None):
-        self.manifest = Manifest.load(Path(cache_dir))
-        self.indices = sorted(self.manifest.shards if subset is None else set(subset))
+    `follow`: the cache may still be being written. The shards are all those its identity announces, and
+    `index` and `read` wait (polling every `poll_seconds`) until a shard is committed; `timeout` seconds
+    without a new commit is an error (re-running resumes). The first epoch then reads the shards in index
+    order, the order writers commit them in (`in_order`).
+    """
+
+    def __init__(self, cache: str, subset: list[int] | None = None, follow: bool = False,
+                 poll_seconds: float = 2.0, timeout: float = 3600.0):
+        self.manifest = Manifest.load(cache)
+        identity = self.manifest.identity
+        everything = range(identity["num_shards"]) if follow else self.manifest.shards
+        self.indices = sorted(everything if subset is None else set(subset))
+        self.in_order, self.poll_seconds, self.timeout = follow, poll_seconds, timeout
+        self.lock, self.waiting_for = threading.Lock(), None
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    def rows(self, shard: int) -> int:
+        """Rows of the shard, known before it is committed: shard s holds rows [s * shard_size, ...)."""
+        index = self.indices[shard]
+        if index in self.manifest.shards:
+            return self.manifest.shards[index].rows
+        identity = self.manifest.identity
+        return min(identity["shard_size"], identity["rows"] - index * identity["shard_size"])
+
     def index(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """(seq_ids, target counts T) of the shard's rows, from its small columns only."""
-        return self.manifest.read_shard_index(self.indices[shard])
+        return self.manifest.read_shard_index(self.committed(shard))
 
     def read(self, shard: int) -> list[TeacherRecord]:
-        return self.manifest.read_shard(self.indices[shard])
+        return self.manifest.read_shard(self.committed(shard))
+
+    def committed(self, shard: int) -> int:
+        """The cache's index of `shard`, once it is committed."""
+        index = self.indices[shard]
+        with self.lock:
+            since = time.monotonic()
+            while index not in self.manifest.shards:
+                progress = (f"shard {index} of the teacher cache {self.manifest.location} "
+                            f"({len(self.manifest.shards)} of {self.manifest.identity['num_shards']} committed)")
+                if time.monotonic() - since > self.timeout:
+                    raise MoekdError(f"waited {self.timeout:.0f}s for {progress}; is `moekd cache` still writing "
+                                     "it? Re-run this command to resume once it is.")
+                if self.waiting_for != index:  # say once per shard
+                    print(f"follow: waiting for {progress}", flush=True)
+                    self.waiting_for = index
+                time.sleep(self.poll_seconds)
+                self.manifest.gather()
+        return index
 
 
 class PreparedShards:
     """Prepared data as pseudo-shards of `shard_size` consecutive rows; a row is a PreparedExample."""
+
+    in_order = False
 
     def __init__(self, data: PreparedData, shard_size: int):
         self.data, self.shard_size = data, shard_size
@@ -73,6 +114,9 @@ class PreparedShards:
 
     def __len__(self) -> int:
         return -(-len(self.data) // self.shard_size)
+
+    def rows(self, shard: int) -> int:
+        return min(self.shard_size, len(self.data) - shard * self.shard_size)
 
     def index(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         start = shard * self.shard_size
@@ -87,10 +131,31 @@ class PreparedShards:
 
 @dataclass
 class Window:
-    """A shuffle buffer: the shards decoded together and the batches made of their rows."""
+    """A shuffle buffer: the shards decoded together and the batches made of their rows. The batches are
+    arranged from the shards' index when first needed (for a followed cache, once the shards exist); how many
+    there are is known before, from the rows alone."""
 
     shards: list[int]
-    batches: list[list[tuple[int, int]]]  # per batch, (shard, row within the shard) per sequence
+    seed: int
+    num_batches: int
+    arrange: Callable[["Window"], list] = field(compare=False, repr=False)
+
+    @functools.cached_property
+    def batches(self) -> list[list[tuple[int, int]]]:
+        """Per batch, (shard, row within the shard) per sequence."""
+        return self.arrange(self)
+
+
+class ShardIndex(dict):
+    """shard -> (seq_ids, T per row), read from a shard source when first asked."""
+
+    def __init__(self, shards):
+        super().__init__()
+        self.shards = shards
+
+    def __missing__(self, shard: int):
+        self[shard] = self.shards.index(shard)
+        return self[shard]
 
 
 class ReaderFailure:
@@ -117,29 +182,39 @@ class Reader:
         self.shards, self.collate = shards, collate
         self.batch_size, self.shuffle_shards, self.seed = batch_size, shuffle_shards, seed
         self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
-        self.index = [shards.index(s) for s in range(len(shards))]
+        self.index = ShardIndex(shards)
+        self.rows = [shards.rows(s) for s in range(len(shards))]
 
     def plan(self, epoch: int, rank: int | None = None, world_size: int | None = None) -> list[Window]:
         """The windows of `rank` of `world_size` (default: this reader's) in `epoch`; a function of metadata,
-        seed and epoch."""
+        seed and epoch. A followed cache's first epoch takes the shards in index order, as they are written."""
         rank = self.rank if rank is None else rank
         world_size = self.world_size if world_size is None else world_size
-        order = np.random.default_rng(derive_seed(self.seed, "shard order", epoch)).permutation(len(self.index))
+        if epoch == 0 and self.shards.in_order:
+            order = np.arange(len(self.rows))
+        else:
+            order = np.random.default_rng(derive_seed(self.seed, "shard order", epoch)).permutation(len(self.rows))
         mine = order[rank::world_size].tolist()
         size = self.shuffle_shards
-        return [self.window(mine[i : i + size], derive_seed(self.seed, "window", epoch, rank, i // size))
-                for i in range(0, len(mine), size)]
+        windows = [(mine[i : i + size], derive_seed(self.seed, "window", epoch, rank, i // size))
+                   for i in range(0, len(mine), size)]
+        return [Window(shards, seed, -(-sum(self.rows[s] for s in shards) // self.batch_size), self.arrange)
+                for shards, seed in windows]
 
-    def window(self, shards: list[int], seed: int) -> Window:
-        rng = np.random.default_rng(seed)
+    def arrange(self, window: Window) -> list[list[tuple[int, int]]]:
+        """The window's batches: its rows shuffled, sorted by T, cut into batches, the batches shuffled."""
+        rng = np.random.default_rng(window.seed)
+        shards = window.shards
         shard_of = np.concatenate([np.full(len(self.index[s][0]), s) for s in shards])
         row_of = np.concatenate([np.arange(len(self.index[s][0])) for s in shards])
         counts = np.concatenate([self.index[s][1] for s in shards])
         order = rng.permutation(len(counts))
         order = order[np.argsort(counts[order], kind="stable")]
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        return Window(shards, [[(int(shard_of[j]), int(row_of[j])) for j in batches[b]]
-                               for b in rng.permutation(len(batches))])
+        if len(batches) != window.num_batches:
+            raise MoekdError(f"shards {shards} hold {len(counts)} rows, not the {sum(self.rows[s] for s in shards)} "
+                             "their commit records or the cache's identity promise")
+        return [[(int(shard_of[j]), int(row_of[j])) for j in batches[b]] for b in rng.permutation(len(batches))]
 
     def work(self, epoch: int, rank: int | None = None, world_size: int | None = None,
              history: tuple[tuple[int, int], ...] = ()) -> list[tuple[Window, int]]:
@@ -153,7 +228,7 @@ class Reader:
         rank = self.rank if rank is None else rank
         world_size = self.world_size if world_size is None else world_size
         if not history:
-            return [(w, b) for w in self.plan(epoch, rank, world_size) for b in range(len(w.batches))]
+            return [(w, b) for w in self.plan(epoch, rank, world_size) for b in range(w.num_batches)]
         *earlier, (before, taken) = history
         lists = [self.work(epoch, k, before, tuple(earlier)) for k in range(before)]
         taken_to = min(map(len, lists))  # the earlier ranks read up to their fewest

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -68,12 +67,12 @@ def content(identity: dict) -> dict:
 
 def cache_inputs(cache: str) -> str:
     """A cache by content: the hash of its manifest's identity (teacher, data, routing, encoding, ...)."""
-    return config_hash(Manifest.load(Path(cache)).identity)
+    return config_hash(Manifest.load(cache).identity)
 
 
 def cache_made_with(cache: str) -> MadeWith:
     """What the teacher of a cache was made with."""
-    identity = Manifest.load(Path(cache)).identity
+    identity = Manifest.load(cache).identity
     return {cache: (identity.get("tokenizer_fingerprint"), identity["encoding"]["vocab_size"])}
 
 
@@ -100,17 +99,22 @@ class Labels:
 
 
 class CachedTeacher:
-    """A complete `moekd cache` directory: rows are its records, with all M samples or their aggregate."""
+    """A `moekd cache` (directory or URI): rows are its records, with all M samples or their aggregate."""
 
     def __init__(self, cache: str, aggregate: bool = False, top_k: int | None = None,
-                 shards: list[int] | None = None):
+                 shards: list[int] | None = None, follow: float | None = None):
         """`top_k`: keep the most probable `top_k` of each stored distribution's k (the tail mass stays exact:
-        the log-probs are normalised over the vocabulary); `shards`: read these shard indices only."""
-        manifest = Manifest.load(Path(cache))
+        the log-probs are normalised over the vocabulary); `shards`: read these shard indices only; `follow`:
+        the cache may still be being written: wait up to this many seconds for each next shard."""
+        manifest = Manifest.load(cache)
         expected = manifest.identity.get("num_shards")
-        if expected is not None and len(manifest.shards) != expected:
+        if follow is not None and expected is None:
+            raise MoekdError(f"follow: teacher cache {cache} does not say how many shards it will have "
+                             "(identity.num_shards); it was not written by `moekd cache`")
+        if follow is None and not manifest.complete():
             raise MoekdError(f"teacher cache {cache} is incomplete: {len(manifest.shards)} of {expected} shards "
-                             "committed; finish it with `moekd cache` first")
+                             "committed; finish it with `moekd cache` first, or train while it is written with "
+                             "follow=true")
         encoding = manifest.identity["encoding"]
         if aggregate and not encoding["aggregate"]:
             raise MoekdError(f"ka_samples=aggregate but teacher cache {cache} stores no aggregate "
@@ -119,30 +123,34 @@ class CachedTeacher:
         if top_k is not None and (self.sampled or top_k > encoding["k"]):
             held = "draws, not a top-k" if self.sampled else f"the top {encoding['k']}"
             raise MoekdError(f"cache_top_k={top_k}: teacher cache {cache} holds {held}; give at most its k")
-        missing = sorted(set(shards or ()) - set(manifest.shards))
+        known = range(expected) if follow is not None else manifest.shards
+        missing = sorted(set(shards or ()) - set(known))
         if missing:
             raise MoekdError(f"cache_shards: teacher cache {cache} has no shard {missing[0]} "
-                             f"(it has {len(manifest.shards)}: 0 to {max(manifest.shards, default=-1)})")
-        self.cache, self.aggregate, self.top_k, self.subset = cache, aggregate, top_k, shards
+                             f"(it has {len(known)}: 0 to {max(known, default=-1)})")
+        self.cache, self.aggregate, self.top_k, self.subset, self.follow = cache, aggregate, top_k, shards, follow
         self.made_with = cache_made_with(cache)
         self.inputs = {"cache": cache_inputs(cache)}
-        self.description = f"offline KD from {cache}"
+        self.description = f"offline KD from {cache}" + (" (following it as it is written)" if follow else "")
 
     def shards(self) -> CacheShards:
-        return CacheShards(self.cache, self.subset)
+        if self.follow is None:
+            return CacheShards(self.cache, self.subset)
+        return CacheShards(self.cache, self.subset, follow=True, timeout=self.follow)
 
     def collate(self, rows: list, pad_id: int) -> Batch:
         return collate_records(rows, pad_id, self.aggregate, self.top_k)
 
     def verify(self) -> None:
-        """Hash and check every shard; refuse a cache that fails."""
+        """Hash and check every committed shard; refuse a cache that fails (a followed cache's later shards are
+        checked as they are read)."""
         start = time.perf_counter()
-        problems = verify_cache(Path(self.cache))
+        problems = verify_cache(self.cache)
         if problems:
             raise MoekdError(f"teacher cache {self.cache} failed verification ({len(problems)} problems, e.g. "
                              f"{problems[0]}); `moekd verify {self.cache}` lists them. Rebuild the damaged shards "
                              "with `moekd cache`.")
-        size = sum(s.bytes for s in Manifest.load(Path(self.cache)).shards.values())
+        size = sum(s.bytes for s in Manifest.load(self.cache).shards.values())
         print(f"verified {self.cache} ({size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f}s")
 
     def teach(self, batch: Batch) -> Batch:

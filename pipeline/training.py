@@ -87,7 +87,7 @@ FINISHED = "finished"
 Position = tuple[int, int, tuple[tuple[int, int], ...]]
 FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)  # a sharded state gathered whole, rank 0
 RESUMABLE_WITH_CHANGES = ("overwrite", "save_every", "keep_checkpoints", "keep_checkpoints_at_end", "prefetch",
-                          "trust_remote_code")
+                          "trust_remote_code", "follow_timeout")
 
 
 @dataclass

@@ -5,10 +5,14 @@ top-k token ids and log-probabilities (normalised over the full vocabulary),
 or (`storage: sampled`) `draws` tokens drawn from the teacher's distribution
 (the mixture of the M samples) as distinct ids and counts: several times
 smaller, whatever M, and an unbiased target for forward KL. Both go to
-zstd-compressed Parquet shards with a manifest. Shard `s` always holds prepared
-rows `[s * shard_size, (s + 1) * shard_size)`, so re-running resumes at the
-first uncommitted shard and any number of workers (`--worker i --num-workers n`
-or torchrun) fill one cache without overlap.
+zstd-compressed Parquet shards with a manifest, in a directory or at any
+fsspec URI (`s3://bucket/prefix`), each shard committed by its own record
+without locks (`pipeline.cache_format`). Shard `s` always holds prepared rows
+`[s * shard_size, (s + 1) * shard_size)`, so re-running resumes at the first
+uncommitted shard and any number of workers (`--worker i --num-workers n` or
+torchrun) fill one cache without overlap. Writers started without a split may
+both compute a shard neither has committed: the first commit wins and the
+cache is the same.
 
 `routers` (a `moekd sar` routers file) runs the teacher with the routers SAR
 adapted to a student, loaded onto the original teacher after it is read
@@ -30,13 +34,13 @@ from typing import ClassVar, Literal
 from tqdm import tqdm
 
 from pipeline.batch import collate_examples
-from pipeline.cache_format import Manifest, encoding_spec, shard_lock, shard_path, write_shard
+from pipeline.cache_format import SHARDS, Manifest, encoding_spec, write_shard
 from pipeline.capture import capture_batch
 from pipeline.config import to_dict
 from pipeline.data import PreparedData
 from pipeline.distributed import owned, worker_slot
 from pipeline.errors import MoekdError
-from pipeline.files import remove_stale_temporaries, sha256_file
+from pipeline.files import sha256_file
 from pipeline.logprobs import vocab_size
 from pipeline.models import (
     honours_remote_code, load_model, load_tokenizer, model_identity, pad_token_id, resolve_device, resolve_dtype,
@@ -49,7 +53,7 @@ from pipeline.teacher import check_tokenizer
 @dataclass
 class Config:
     POSITIONAL: ClassVar[tuple[str, ...]] = ("output",)
-    output: str  # the cache directory
+    output: str  # where the cache goes: a directory or an fsspec URI (s3://bucket/prefix, ...)
     teacher: str  # local Hugging Face directory of the (MoE) teacher
     data: str  # a `moekd prepare` output directory
     routers: str | None = None  # a `moekd sar` routers file for this teacher: cache the SAR-adapted teacher
@@ -130,29 +134,30 @@ def run(config: Config) -> dict:
 
 
 def write_shards(config, data, model, routing, manifest, todo, num_samples, vocab_size, tokenizer) -> dict:
-    """Compute and commit each shard in `todo`, skipping ones another process holds or finished."""
+    """Compute and commit each shard in `todo` that no other process has committed. Shards another process
+    claimed come last: by then they are committed, or their writer died or is slow, and this one computes them."""
     pad_id = pad_token_id(tokenizer)
-    stats = {"shards": 0, "tokens": 0, "bytes": 0, "seconds": 0.0, "skipped_locked": 0}
+    stats = {"shards": 0, "tokens": 0, "bytes": 0, "seconds": 0.0, "lost": 0}
     counts = data.target_counts()
-    total_tokens = sum(int(counts[s * config.shard_size : (s + 1) * config.shard_size].sum()) for s in todo)
+    tokens = {s: int(counts[s * config.shard_size : (s + 1) * config.shard_size].sum()) for s in todo}
+    manifest.store.remove_dead_temporaries(SHARDS)
     start = time.perf_counter()
-    with tqdm(total=total_tokens, unit="tok", desc="teacher", dynamic_ncols=True) as bar:
-        for index in todo:
-            lock = shard_lock(manifest.directory, index)
-            if not lock.try_acquire():
-                stats["skipped_locked"] += 1
-                bar.write(f"shard {index}: being written by another process, skipped")
+    line = [(index, True) for index in todo]  # (shard, first time in line)
+    with tqdm(total=sum(tokens.values()), unit="tok", desc="teacher", dynamic_ncols=True) as bar:
+        for index, first in line:  # a shard another process claimed goes to the back of the line, once
+            manifest.gather()
+            if index in manifest.committed():
+                bar.update(tokens[index])
                 continue
-            try:
-                if index in manifest.reload().committed():
-                    continue
-                path = shard_path(manifest.directory, index)
-                remove_stale_temporaries(path.parent, path.name)  # left by a killed writer of this shard
-                records = teacher_records(config, data, model, routing, index, num_samples, pad_id, bar)
-                shard = write_shard(manifest.directory, index, records, **config.encoding(vocab_size))
-                manifest.commit(shard)
-            finally:
-                lock.release()
+            if first and not manifest.claim(index):
+                line.append((index, False))
+                continue
+            records = teacher_records(config, data, model, routing, index, num_samples, pad_id, bar)
+            shard = write_shard(manifest.store, index, records, **config.encoding(vocab_size))
+            if not manifest.commit(shard):
+                stats["lost"] += 1
+                bar.write(f"shard {index}: another process committed it first; its result is kept")
+                continue
             stats["shards"] += 1
             stats["tokens"] += shard.tokens
             stats["bytes"] += shard.bytes
@@ -177,8 +182,8 @@ def teacher_records(config, data, model, routing, index, num_samples, pad_id, ba
 
 def print_summary(stats: dict, num_samples: int) -> None:
     if not stats["tokens"]:
-        print("cache: nothing left to write; the cache is complete" if not stats["skipped_locked"] else
-              "cache: remaining shards are held by other workers")
+        print("cache: nothing left to write; the cache is complete" if not stats["lost"] else
+              "cache: other processes committed the remaining shards")
         return
     per_sample = stats["bytes"] / (stats["tokens"] * num_samples)
     print(

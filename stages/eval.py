@@ -51,7 +51,7 @@ class Config:
     models: dict[str, str]  # display name -> local model directory; results.md keeps this order
     data: list[str]  # `moekd prepare` output directories (held-out splits)
     output: str  # the results directory
-    cache: str | None = None  # a `moekd cache` directory: adds KL(teacher ‖ model)
+    cache: str | None = None  # a `moekd cache` directory or URI: adds KL(teacher ‖ model)
     max_examples: int | None = None  # per split, evenly spaced rows (i * rows // max_examples); null = all
     batch_size: int = 8
     generate: bool = True  # false: loss (and KL) only
@@ -91,7 +91,7 @@ class Config:
 def run(config: Config) -> dict:
     """Evaluate every model on every split (and the cache), write the results and print the tables."""
     splits = dict(zip(split_names(config.data), (PreparedData(d) for d in config.data)))
-    cache = Manifest.load(Path(config.cache)) if config.cache else None
+    cache = Manifest.load(config.cache) if config.cache else None
     made_with = {str(data.directory): (data.tokenizer_fingerprint, None) for data in splits.values()}
     if cache is not None:
         made_with |= cache_made_with(config.cache)

@@ -21,7 +21,7 @@ from pipeline.models import honours_remote_code, load_tokenizer
 @dataclass
 class Config:
     POSITIONAL: ClassVar[tuple[str, ...]] = ("cache",)
-    cache: str  # the cache directory
+    cache: str  # the cache: a directory or an fsspec URI (s3://bucket/prefix, ...)
     seq: int | None = None  # a sequence (prepared row) to show; None = summary only
     top: int = 5  # tokens shown per position and sample
     max_positions: int = 16  # positions shown
@@ -45,7 +45,7 @@ def summary(manifest: Manifest) -> str:
     samples = encoding["num_samples"]
     teacher = said(identity, "teacher")
     lines = [
-        f"cache      {manifest.directory}",
+        f"cache      {manifest.location}",
         f"teacher    {said(manifest.info, 'teacher_path')} ({said(teacher, 'model_type')}, "
         f"weights {str(said(teacher, 'weights_fingerprint'))[:12]})",
         f"data       {said(manifest.info, 'data_path')} (fingerprint {str(said(identity, 'data_fingerprint'))[:12]}, "
@@ -86,7 +86,7 @@ def routing_text(routing) -> str:
 def sequence_view(manifest: Manifest, config: Config) -> str:
     shard_size, rows = said(manifest.identity, "shard_size"), said(manifest.identity, "rows")
     if not (type(shard_size) is int and shard_size > 0 and type(rows) is int):
-        raise MoekdError(f"{manifest.directory}'s manifest does not say how its rows are sharded "
+        raise MoekdError(f"{manifest.location}'s manifest does not say how its rows are sharded "
                          "(identity.shard_size and identity.rows); it was not written by `moekd cache`")
     if config.tokenizer is None:
         raise MoekdError(f"showing a sequence needs tokenizer=<the teacher's tokenizer directory> (the manifest "

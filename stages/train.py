@@ -50,7 +50,7 @@ from pipeline.training import Run, RunConfig
 @dataclass(kw_only=True)
 class Config(RunConfig):
     POSITIONAL: ClassVar[tuple[str, ...]] = ("output",)
-    cache: str | None = None  # offline KD: a `moekd cache` directory
+    cache: str | None = None  # offline KD: a `moekd cache` directory or URI (s3://bucket/prefix, ...)
     data: str | None = None  # a `moekd prepare` directory: SFT, or online KD with `teacher`
     teacher: str | None = None  # online KD: local directory of the teacher, run on every batch
     ka_samples: Literal["mean", "one", "aggregate"] = "mean"  # how the M teacher samples enter D
@@ -58,6 +58,8 @@ class Config(RunConfig):
     top_k: int = 64  # online KD: teacher log-probs kept per token and sample
     cache_top_k: int | None = None  # offline KD: use the most probable this many of the cache's k (null: all)
     cache_shards: list[int] | None = None  # offline KD: train on these shards of the cache only (null: all)
+    follow: bool = False  # offline KD: start on a cache still being written, take shards as they are committed
+    follow_timeout: float = 3600.0  # follow: seconds without a new shard before giving up (re-run to resume)
 
     def __post_init__(self):
         super().__post_init__()
@@ -74,8 +76,10 @@ class Config(RunConfig):
             raise ValueError(f"ka_samples={self.ka_samples} picks teacher samples: it needs cache or teacher")
         if self.teacher is None and (self.routing != RoutingConfig() or self.top_k != Config.top_k):
             raise ValueError("routing and top_k apply to online KD (teacher=...) only; a cache keeps its own")
-        if self.cache is None and (self.cache_top_k is not None or self.cache_shards is not None):
-            raise ValueError("cache_top_k and cache_shards read a subset of a cache: they need cache")
+        if self.cache is None and (self.cache_top_k is not None or self.cache_shards is not None or self.follow):
+            raise ValueError("cache_top_k, cache_shards and follow read a cache: they need cache")
+        if self.follow_timeout <= 0:
+            raise ValueError(f"follow_timeout must be positive, got {self.follow_timeout}")
         if self.cache_top_k is not None and self.cache_top_k < 1:
             raise ValueError(f"cache_top_k must be at least 1 (or null), got {self.cache_top_k}")
         if self.cache_shards is not None and (not self.cache_shards or len(set(self.cache_shards))
@@ -108,7 +112,8 @@ def make_teacher(config: Config, run: Run, stack: contextlib.ExitStack):
     """The run's teacher: the cache, the teacher model in the loop, or none (SFT)."""
     aggregate = config.ka_samples == "aggregate"
     if config.cache:
-        teacher = CachedTeacher(config.cache, aggregate, config.cache_top_k, config.cache_shards)
+        teacher = CachedTeacher(config.cache, aggregate, config.cache_top_k, config.cache_shards,
+                                config.follow_timeout if config.follow else None)
         loss = config.loss
         if teacher.sampled and (loss.divergence != "forward_kl" or loss.temperature != 1 or config.ka_samples != "mean"):
             raise MoekdError(

@@ -12,7 +12,7 @@ from pipeline.errors import MoekdError
 @dataclass
 class Config:
     POSITIONAL: ClassVar[tuple[str, ...]] = ("cache",)
-    cache: str  # the cache directory
+    cache: str  # the cache: a directory or an fsspec URI (s3://bucket/prefix, ...)
 
 
 def run(config: Config) -> None:

@@ -236,3 +236,10 @@ def kill_and_rerun(command: Callable[[Path], list[str]], directory: Path, kill_a
     assert f"resuming after step {newest}" in resumed.stdout
     assert reference.wait(timeout=300) == 0
     return newest
+
+
+def shard_file(cache: Path, index: int) -> Path:
+    """The committed file of shard `index` of a local cache."""
+    from pipeline.cache_format import Manifest
+
+    return Path(cache) / Manifest.load(cache).shards[index].file

@@ -1,10 +1,11 @@
-"""Teacher-cache format: round trips, determinism, the documented schema, manifest, locks, verify."""
+"""Teacher-cache format: round trips, determinism, the documented schema, manifest, commit records, verify."""
 
 from __future__ import annotations
 
 import json
 import multiprocessing
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow
@@ -13,8 +14,7 @@ import pytest
 
 from pipeline import cache_format
 from pipeline.cache_format import (
-    Manifest, ShardInfo, TeacherRecord, encoding_spec, read_shard, read_shard_index, shard_lock, shard_path,
-    verify_cache, write_shard,
+    Manifest, TeacherRecord, encoding_spec, read_shard, read_shard_index, verify_cache, write_shard,
 )
 from pipeline.errors import MoekdError
 
@@ -80,15 +80,23 @@ def assert_matches_teacher(ids, logprobs, true_ids, true_logprobs):
 # ---------------------------------------------------------------- shards
 
 
+def shard_file(directory, index):
+    """The one object written for shard `index` in `directory`."""
+    (path,) = (directory / "shards").glob(f"shard-{index:05d}-*.parquet")
+    return path
+
+
+
 @pytest.mark.parametrize("M, aggregate", [(1, False), (3, True)])
 def test_round_trip(tmp_path, M, aggregate):
     records = make_records(20, M=M, aggregate=aggregate)
     assert any(len(r.positions) == 0 for r in records)  # empty rows are part of the round trip
     info = write_shard(tmp_path, 4, records, **spec_of(records, 500, aggregate))
-    assert info.file == "shards/shard-00004.parquet" and (tmp_path / info.file).stat().st_size == info.bytes
+    assert info.file == f"shards/shard-00004-{info.sha256[:16]}.parquet"
+    assert (tmp_path / info.file).stat().st_size == info.bytes
     assert info.rows == 20 and info.tokens == sum(len(r.positions) for r in records)
 
-    back = read_shard(shard_path(tmp_path, 4))
+    back = read_shard(shard_file(tmp_path, 4))
     assert [r.seq_id for r in back] == [r.seq_id for r in records]
     for r, b in zip(records, back):
         assert np.array_equal(b.input_ids, r.input_ids) and b.input_ids.dtype == np.int32
@@ -105,7 +113,7 @@ def test_vocabulary_beyond_16_bits(tmp_path):
     records = make_records(3, M=2, k=16, vocab=200_000, min_T=1, max_T=4, seed=1)
     assert max(r.topk_ids.max() for r in records) > 65_535
     write_shard(tmp_path, 0, records, **spec_of(records, 200_000, False))
-    for r, b in zip(records, read_shard(shard_path(tmp_path, 0))):
+    for r, b in zip(records, read_shard(shard_file(tmp_path, 0))):
         assert_matches_teacher(b.topk_ids, b.topk_logprobs, r.topk_ids, r.topk_logprobs)
 
 
@@ -114,13 +122,13 @@ def test_same_records_same_bytes(tmp_path):
     a = write_shard(tmp_path / "a", 0, records, **spec_of(records, 500, True))
     b = write_shard(tmp_path / "b", 0, make_records(30, aggregate=True), **spec_of(records, 500, True))
     assert a == b
-    assert shard_path(tmp_path / "a", 0).read_bytes() == shard_path(tmp_path / "b", 0).read_bytes()
+    assert shard_file(tmp_path / "a", 0).read_bytes() == shard_file(tmp_path / "b", 0).read_bytes()
 
 
 def test_selected_rows_come_back_in_the_order_asked(tmp_path):
     records = make_records(3 * cache_format.ROW_GROUP_ROWS, M=1, max_T=2)
     write_shard(tmp_path, 0, records, **spec_of(records, 500, False))
-    path = shard_path(tmp_path, 0)
+    path = shard_file(tmp_path, 0)
     assert pq.ParquetFile(path).metadata.num_row_groups == 3
     rows = [150, 3, 70, 3]
     picked = read_shard(path, rows)
@@ -135,7 +143,7 @@ def test_selected_rows_come_back_in_the_order_asked(tmp_path):
 def test_shard_index_gives_seq_ids_and_token_counts(tmp_path):
     records = make_records(12, first_id=100)
     write_shard(tmp_path, 0, records, **spec_of(records, 500, False))
-    seq_ids, tokens = read_shard_index(shard_path(tmp_path, 0))
+    seq_ids, tokens = read_shard_index(shard_file(tmp_path, 0))
     assert seq_ids.tolist() == list(range(100, 112))
     assert tokens.tolist() == [len(r.positions) for r in records]
 
@@ -143,7 +151,8 @@ def test_shard_index_gives_seq_ids_and_token_counts(tmp_path):
 def test_documented_pyarrow_decode(tmp_path, monkeypatch):
     """The module docstring's plain pyarrow + numpy snippet decodes a shard correctly."""
     records = make_records(4, M=3, aggregate=True, min_T=1, seed=2)
-    write_shard(tmp_path, 0, records, **spec_of(records, 500, True))
+    manifest = Manifest.open(tmp_path, identity(encoding=encoding_spec(**spec_of(records, 500, True))), {}, False)
+    manifest.commit(write_shard(tmp_path, 0, records, **spec_of(records, 500, True)))
     snippet = re.search(r"nothing but pyarrow and numpy:\n\n((?:    .*\n)+)", cache_format.__doc__).group(1)
     monkeypatch.chdir(tmp_path)
     scope = {"json": json, "np": np, "pyarrow": pyarrow}
@@ -159,7 +168,7 @@ def test_write_rejects_records_that_do_not_fit_the_encoding(tmp_path):
         write_shard(tmp_path, 0, records, vocab_size=100, k=8, num_samples=2, with_aggregate=False)
     with pytest.raises(ValueError, match="ascending seq_id order"):
         write_shard(tmp_path, 0, records[::-1], vocab_size=500, k=8, num_samples=2, with_aggregate=False)
-    assert not shard_path(tmp_path, 0).exists()
+    assert not (tmp_path / "shards").exists()
 
 
 def test_failed_write_leaves_no_file_and_no_manifest_entry(tmp_path, monkeypatch):
@@ -168,13 +177,13 @@ def test_failed_write_leaves_no_file_and_no_manifest_entry(tmp_path, monkeypatch
     manifest = Manifest.open(tmp_path, identity(), {}, overwrite=False)
 
     def write_half_then_fail(table, where, **kwargs):
-        open(where, "wb").write(b"PAR1 half a shard")
+        where.write(b"PAR1 half a shard")
         raise RuntimeError("killed mid-write")
 
     monkeypatch.setattr(pq, "write_table", write_half_then_fail)
     with pytest.raises(RuntimeError, match="killed mid-write"):
         manifest.commit(write_shard(tmp_path, 0, records, **spec))
-    assert list((tmp_path / "shards").iterdir()) == []
+    assert not (tmp_path / "shards").exists()
     assert Manifest.load(tmp_path).committed() == set()
     assert verify_cache(tmp_path) == []
 
@@ -266,59 +275,67 @@ def test_manifest_load_errors_name_the_file(tmp_path, content, message):
     assert "manifest.json" in str(error.value)
 
 
-def test_manifest_json_is_deterministic(tmp_path):
-    infos = [ShardInfo(i, f"shards/shard-{i:05d}.parquet", 4, 10 + i, 100 + i, f"{i:064x}") for i in range(3)]
+def test_a_cache_is_the_same_whatever_order_its_shards_were_committed_in(tmp_path):
     for name, order in (("a", [2, 0, 1]), ("b", [0, 1, 2])):
         manifest = Manifest.open(tmp_path / name, identity(), {"host": "h"}, overwrite=False)
         for i in order:
-            manifest.commit(infos[i])
-    text = (tmp_path / "a" / "manifest.json").read_text()
-    assert text == (tmp_path / "b" / "manifest.json").read_text()
-    assert [s["index"] for s in json.loads(text)["shards"]] == [0, 1, 2]
+            records = make_records(4, first_id=4 * i, seed=i)
+            manifest.commit(write_shard(tmp_path / name, i, records, **spec_of(records, 500, False)))
+    files = {name: {p.relative_to(tmp_path / name): p.read_bytes() for p in sorted((tmp_path / name).rglob("*"))
+                    if p.is_file()} for name in "ab"}
+    assert files["a"] == files["b"]
+    assert sorted(str(p) for p in files["a"] if str(p).startswith("commits")) == [
+        f"commits/shard-{i:05d}.json" for i in range(3)]
+    assert "shards" not in json.loads(files["a"][Path("manifest.json")])  # the records list the shards
 
 
-def commit_many(directory, first, count, start):
-    """Child process: open the manifest and commit `count` shard entries."""
+def commit_all(directory, count, start, wins):
+    """Child process: write and commit shards 0..count-1 of the cache, counting the commits it won."""
     start.wait()
     manifest = Manifest.open(directory, identity(), {}, overwrite=False)
-    for i in range(first, first + count):
-        manifest.commit(ShardInfo(i, f"shards/shard-{i:05d}.parquet", 1, 1, 1, "0" * 64))
+    for i in range(count):
+        records = make_records(1, first_id=i, seed=i, max_T=1)
+        if manifest.commit(write_shard(directory, i, records, **spec_of(records, 500, False))):
+            with wins.get_lock():
+                wins.value += 1
 
 
-def test_concurrent_commits_from_two_processes_all_land(tmp_path):
+def test_two_processes_racing_on_the_same_shards_commit_each_exactly_once(tmp_path):
     Manifest.open(tmp_path, identity(), {}, overwrite=False)
     context = multiprocessing.get_context("spawn")
-    start = context.Event()
-    workers = [context.Process(target=commit_many, args=(tmp_path, first, 40, start)) for first in (0, 40)]
+    start, wins = context.Event(), context.Value("i", 0)
+    workers = [context.Process(target=commit_all, args=(tmp_path, 30, start, wins)) for _ in range(2)]
     for worker in workers:
         worker.start()
     start.set()
     for worker in workers:
-        worker.join(60)
+        worker.join(120)
     assert [w.exitcode for w in workers] == [0, 0]
-    assert Manifest.load(tmp_path).committed() == set(range(80))
+    assert wins.value == 30  # every shard has exactly one winner
+    assert Manifest.load(tmp_path).committed() == set(range(30))
+    assert len(list((tmp_path / "shards").glob("*.parquet"))) == 30 and verify_cache(tmp_path) == []
 
 
-def try_shard_lock(directory, index) -> None:
-    """Child process: exit 0 if it got the lock, 1 if another process holds it."""
-    raise SystemExit(0 if shard_lock(directory, index).try_acquire() else 1)
+def test_a_shard_is_claimed_once_and_its_claim_goes_when_it_is_committed(tmp_path):
+    first, second = (Manifest.open(tmp_path, identity(), {}, overwrite=False) for _ in range(2))
+    assert first.claim(0) and not second.claim(0) and second.claim(1)
+    records = make_records(4)
+    first.commit(write_shard(tmp_path, 0, records, **spec_of(records, 500, False)))
+    assert [p.name for p in (tmp_path / "claims").iterdir()] == ["shard-00001.json"]
 
 
-def test_shard_lock_excludes_a_second_process(tmp_path):
-    context = multiprocessing.get_context("spawn")
-
-    def child_gets(index) -> bool:
-        process = context.Process(target=try_shard_lock, args=(tmp_path, index))
-        process.start()
-        process.join(60)
-        return process.exitcode == 0
-
-    lock = shard_lock(tmp_path, 3)
-    assert lock.try_acquire()
-    assert not child_gets(3)
-    assert child_gets(4)  # other shards stay free
-    lock.release()
-    assert child_gets(3)
+def test_a_losing_writer_removes_its_own_object_and_the_winner_removes_leftovers(tmp_path):
+    manifest = Manifest.open(tmp_path, identity(), {}, overwrite=False)
+    records = make_records(4, seed=0)
+    other = make_records(4, seed=1)  # other bytes for the same shard: e.g. another GPU's rounding
+    left_by_a_killed_writer = write_shard(tmp_path, 0, make_records(4, seed=2), **spec_of(records, 500, False))
+    winner = write_shard(tmp_path, 0, records, **spec_of(records, 500, False))
+    loser = write_shard(tmp_path, 0, other, **spec_of(other, 500, False))
+    assert manifest.commit(winner)
+    assert not (tmp_path / left_by_a_killed_writer.file).exists()
+    assert not Manifest.load(tmp_path).commit(loser)
+    assert [p.name for p in (tmp_path / "shards").iterdir()] == [Path(winner.file).name]
+    assert Manifest.load(tmp_path).shards[0] == winner and verify_cache(tmp_path) == []
 
 
 # ---------------------------------------------------------------- verify
@@ -335,17 +352,17 @@ def truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def edit_manifest(directory, **fields):
-    path = directory / "manifest.json"
+def edit_record(directory, **fields):
+    path = directory / "commits" / "shard-00001.json"
     data = json.loads(path.read_text())
-    data["shards"][1].update(fields)
+    data.update(fields)
     path.write_text(json.dumps(data))
 
 
 def rewrite_shard(directory, records, **spec):
-    """Replace shard 1 by one written with `spec`, and commit it honestly (size and sha match)."""
+    """Replace shard 1 by one written with `spec`, and commit it honestly (name, size and sha match)."""
     info = write_shard(directory, 1, records, **spec)
-    edit_manifest(directory, **{k: v for k, v in vars(info).items() if k in ("bytes", "sha256", "rows", "tokens")})
+    edit_record(directory, **{k: v for k, v in vars(info).items() if k != "index"})
 
 
 def unnormalised(directory):
@@ -356,11 +373,11 @@ def unnormalised(directory):
 
 
 CORRUPTIONS = {
-    "flipped bytes": (lambda d: flip_bytes(shard_path(d, 1)), "sha256 differs"),
-    "truncated": (lambda d: truncate(shard_path(d, 1)), ("size is", "unreadable Parquet file")),
-    "deleted": (lambda d: shard_path(d, 1).unlink(), "file is missing"),
-    "wrong rows": (lambda d: edit_manifest(d, rows=5), "has 4 rows but the manifest says 5"),
-    "wrong tokens": (lambda d: edit_manifest(d, tokens=999), "but the manifest says 999 tokens"),
+    "flipped bytes": (lambda d: flip_bytes(shard_file(d, 1)), "sha256 differs"),
+    "truncated": (lambda d: truncate(shard_file(d, 1)), ("size is", "unreadable Parquet file")),
+    "deleted": (lambda d: shard_file(d, 1).unlink(), "file is missing"),
+    "wrong rows": (lambda d: edit_record(d, rows=5), "has 4 rows but the commit record says 5"),
+    "wrong tokens": (lambda d: edit_record(d, tokens=999), "but the commit record says 999 tokens"),
     "wrong schema": (lambda d: rewrite_shard(d, make_records(4, first_id=4, aggregate=True), vocab_size=500, k=8,
                                              num_samples=2, with_aggregate=True), "schema is"),
     "wrong encoding": (lambda d: rewrite_shard(d, make_records(4, first_id=4, k=4), vocab_size=500, k=4,
@@ -376,18 +393,18 @@ def test_verify_names_the_corrupted_shard(tmp_path, kind):
     corrupt, messages = CORRUPTIONS[kind]
     corrupt(tmp_path)
     problems = verify_cache(tmp_path)
-    assert problems and all(p.startswith("shard 1 (shards/shard-00001.parquet): ") for p in problems)
+    assert problems and all(re.match(r"shard 1 \(shards/shard-00001-[0-9a-f]{16}\.parquet\): ", p) for p in problems)
     for message in [messages] if isinstance(messages, str) else messages:
         assert any(message in p for p in problems), problems
 
 
 def test_read_shard_reports_a_corrupt_file_as_a_user_error(tmp_path):
     build_cache(tmp_path)
-    truncate(shard_path(tmp_path, 1))
-    with pytest.raises(MoekdError, match="shard-00001.parquet"):
-        read_shard(shard_path(tmp_path, 1))
-    with pytest.raises(MoekdError, match="shard-00001.parquet"):
-        read_shard_index(shard_path(tmp_path, 1))
+    truncate(shard_file(tmp_path, 1))
+    with pytest.raises(MoekdError, match="shard-00001-"):
+        read_shard(shard_file(tmp_path, 1))
+    with pytest.raises(MoekdError, match="shard-00001-"):
+        read_shard_index(shard_file(tmp_path, 1))
 
 
 def test_encodings_bench_measures_what_the_cache_stores(tmp_path):
@@ -395,14 +412,13 @@ def test_encodings_bench_measures_what_the_cache_stores(tmp_path):
     count the shard has; fewer ids hold less mass in fewer bytes; top-p holds at least p where it can;
     8-bit log-probs with the tail stored add a KL far below the float16 rounding's scale."""
     import sys
-    from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import cache_encodings
 
     records = make_records(40, M=2, k=16, vocab=3000, min_T=4, max_T=12)
     write_shard(tmp_path, 0, records, **spec_of(records, 3000, False))
-    metadata = pq.ParquetFile(shard_path(tmp_path, 0)).metadata
+    metadata = pq.ParquetFile(shard_file(tmp_path, 0)).metadata
     teacher_bytes = sum(metadata.row_group(g).column(c).total_compressed_size
                         for g in range(metadata.num_row_groups) for c in range(metadata.num_columns)
                         if metadata.row_group(g).column(c).path_in_schema.startswith("topk_"))

@@ -242,7 +242,7 @@ def test_cache_kl_averages_the_samples_over_the_first_rows(tmp_path, test_split,
     routing = RoutingConfig(mode="ka", samples=2, lam=0.5)
     cache = make_cache(tmp_path / "ka", cpu_model(moe_dir("mixtral")), test_split, k=16, routing=routing)
     model = cpu_model(student_dir)
-    records = [r for index in range(2) for r in read_shard(cache / "shards" / f"shard-{index:05d}.parquet")][:5]
+    records = [r for index in range(2) for r in read_shard(fixtures.shard_file(cache, index))][:5]
     assert len(records) == 5 and not np.array_equal(records[0].topk_ids[0], records[0].topk_ids[1])
     total = 0.0
     for record in records:  # each sequence alone, through the model's own logits

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache_format import Manifest, encoding_spec, shard_path, write_shard
+from pipeline.cache_format import Manifest, encoding_spec, write_shard
 from pipeline.data import PreparedData, target_positions
 from pipeline.errors import MoekdError
 from pipeline.batch import collate_examples, collate_records, one_sample_per_sequence
@@ -156,7 +156,7 @@ def test_a_corrupt_shard_raises_in_the_consumer(tmp_path):
     cache = write_cache(tmp_path)
     reader = make_reader(cache, prefetch=1)
     broken = reader.plan(0)[1].shards[0]  # a shard of the second window
-    path = shard_path(cache, broken)
+    path = cache / Manifest.load(cache).shards[broken].file
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(MoekdError, match=f"shard-{broken:05d}"):
         consume(reader.batches(0))

@@ -104,8 +104,8 @@ def test_a_sampled_cache_is_small_exact_on_rerun_and_verified(tmp_path, referenc
     assert all((np.add.reduceat(r.sample_counts, np.cumsum(r.sample_sizes) - r.sample_sizes) == 16).all()
                for r in records if len(r.positions))
     # round trip of the encoding, and damage caught
-    write_shard(tmp_path / "copy", 0, records[:3], vocab_size=fixtures.VOCAB_SIZE, num_samples=3, draws=16)
-    for a, b in zip(read_shard(tmp_path / "copy/shards/shard-00000.parquet"), records[:3]):
+    info = write_shard(tmp_path / "copy", 0, records[:3], vocab_size=fixtures.VOCAB_SIZE, num_samples=3, draws=16)
+    for a, b in zip(read_shard(tmp_path / "copy" / info.file), records[:3]):
         for name in ("sample_sizes", "sample_ids", "sample_counts", "positions", "input_ids"):
             assert np.array_equal(getattr(a, name), getattr(b, name)), name
     with pytest.raises(ValueError, match="must sum to 8"):

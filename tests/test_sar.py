@@ -216,7 +216,7 @@ def test_a_cache_of_the_adapted_teacher_is_its_own(tmp_path, teacher_dir, prepar
     plain, adapted = run_cache(tmp_path / "plain"), run_cache(tmp_path / "adapted", f"routers={files[3]}")
     assert "routers" not in plain.identity["teacher"]
     assert adapted.identity["teacher"] == plain.identity["teacher"] | {"routers": sha256_file(files[3])}
-    records = {name: read_shard(tmp_path / name / "shards/shard-00000.parquet", rows=[0])[0]
+    records = {name: read_shard(fixtures.shard_file(tmp_path / name, 0), rows=[0])[0]
                for name in ("plain", "adapted")}
     teacher = load_model(directory, dtype="float32", device="cpu")
     apply_routers(teacher, files[3])

@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -286,6 +289,36 @@ def test_training_on_some_shards_of_a_cache_reads_those_only(tmp_path, ka_cache,
         run_train(tmp_path / "missing", student_dir, cache=ka_cache, cache_shards=[99])
 
 
+def test_training_while_the_cache_is_written_equals_training_on_the_finished_cache(
+        tmp_path, ka_cache, student_dir, capsys):
+    growing = Path(shutil.copytree(ka_cache, tmp_path / "growing"))
+    later = tmp_path / "later"
+    later.mkdir()
+    for record in sorted((growing / "commits").iterdir())[2:]:  # shards 2 to 7 are not committed yet
+        shutil.move(record, later / record.name)
+    with pytest.raises(MoekdError, match="is incomplete: 2 of 8 shards committed; .* follow=true"):
+        run_train(tmp_path / "refused", student_dir, cache=growing)
+
+    def write_the_rest():
+        for record in sorted(later.iterdir()):
+            time.sleep(0.3)
+            os.rename(record, growing / "commits" / record.name)  # a commit appears whole, as from `moekd cache`
+
+    writer = threading.Thread(target=write_the_rest)
+    writer.start()
+    settings = dict(follow=True, max_steps=None, epochs=2, shuffle_shards=2)
+    followed = run_train(tmp_path / "followed", student_dir, cache=growing, **settings)
+    writer.join()
+    assert "follow: waiting for shard" in capsys.readouterr().out
+    finished = run_train(tmp_path / "finished", student_dir, cache=ka_cache, **settings)
+    assert [{k: m[k] for k in COMPARED} for m in followed] == [{k: m[k] for k in COMPARED} for m in finished]
+    assert followed[-1]["tokens"] == 2 * sum(int(CacheShards(ka_cache).index(s)[1].sum()) for s in range(8))
+    assert_same_weights(weights(tmp_path / "followed/final"), weights(tmp_path / "finished/final"))
+    shutil.move(growing / "commits" / "shard-00007.json", later)
+    with pytest.raises(MoekdError, match=r"waited 1s for shard 7 of the teacher cache .* \(7 of 8 committed\)"):
+        run_train(tmp_path / "stalled", student_dir, cache=growing, follow=True, follow_timeout=1, max_steps=None)
+
+
 def test_a_finished_run_drops_its_checkpoints_unless_told_to_keep_them(tmp_path, ka_cache, student_dir):
     run_train(tmp_path / "dropped", student_dir, cache=ka_cache, save_every=2)
     run_train(tmp_path / "kept", student_dir, cache=ka_cache, save_every=2, keep_checkpoints_at_end=True)
@@ -339,7 +372,7 @@ def test_a_student_with_another_tokenizer_or_vocabulary_is_refused(tmp_path, ka_
 def test_a_cache_that_fails_verification_is_refused(tmp_path, ka_cache, student_dir):
     damaged = tmp_path / "cache"
     shutil.copytree(ka_cache, damaged)
-    shard = damaged / "shards/shard-00003.parquet"
+    shard = fixtures.shard_file(damaged, 3)
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))

@@ -7,6 +7,7 @@ code arriving with a checkpoint or a model, runs colliding or drifting, non-fini
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import fixtures
-from pipeline.cache_format import Manifest, verify_cache
+from pipeline.cache_format import Manifest, identity_hash, verify_cache
 from pipeline.cli import main
 from pipeline.errors import MoekdError
 from pipeline.files import FileLock
@@ -54,6 +55,17 @@ def edit_manifest(cache_dir: Path, edit) -> None:
     path.write_text(json.dumps(data))
 
 
+def edit_record(cache_dir: Path, index: int, edit) -> None:
+    path = cache_dir / "commits" / f"shard-{index:05d}.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def shard_file(cache_dir: Path, index: int) -> Path:
+    return cache_dir / Manifest.load(cache_dir).shards[index].file
+
+
 def moekd(capsys, *args) -> str:
     """Run the CLI, expecting a one-line refusal (exit 2); that line."""
     capsys.readouterr()
@@ -75,21 +87,22 @@ def commands(cache_dir: Path, student: Path, tmp_path: Path, prepared: Path) -> 
 # ---------------------------------------------------------------- 1. a cache cannot lead outside itself
 
 @pytest.mark.parametrize("file", ["../../outside.parquet", "/tmp/outside.parquet", "shards/../shards/shard-00000.parquet",
-                                  "shards/shard-00001.parquet"])
+                                  "shard 1's"])
 def test_a_shard_entry_naming_another_file_is_refused_by_every_reader(tmp_path, copy, student_dir, prepared,
                                                                       file, capsys):
     outside = tmp_path / "outside.parquet"
-    shutil.copy(copy / "shards/shard-00000.parquet", outside)  # a valid shard with the matching hash
-    edit_manifest(copy, lambda m: m["shards"][0].update(file=file))
+    shutil.copy(shard_file(copy, 0), outside)  # a valid shard with the matching hash
+    file = str(shard_file(copy, 1).relative_to(copy)) if file == "shard 1's" else file
+    edit_record(copy, 0, lambda r: r.update(file=file))
     for command in commands(copy, student_dir, tmp_path, prepared):
-        assert "shards[0].file is" in moekd(capsys, *command)
+        assert "record.file is" in moekd(capsys, *command)
     assert not (tmp_path / "run").exists() and not (tmp_path / "eval" / "results.json").exists()
 
 
 def test_links_inside_a_cache_are_not_followed(tmp_path, copy, student_dir, prepared, capsys):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    shard = copy / "shards/shard-00001.parquet"
+    shard = shard_file(copy, 1)
     shutil.move(shard, outside / shard.name)
     shard.symlink_to(outside / shard.name)  # same bytes, same hash: only the link is wrong
     assert any("symbolic link" in p for p in verify_cache(copy))
@@ -124,35 +137,42 @@ def test_a_lock_file_that_is_a_link_is_refused(tmp_path):
 # ---------------------------------------------------------------- 2. readers check what they read
 
 def test_eval_inspect_and_train_refuse_a_changed_shard(tmp_path, copy, student_dir, prepared, tokenizer_dir, capsys):
-    shard = copy / "shards/shard-00002.parquet"
+    shard = shard_file(copy, 2)
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
     eval_args = ["eval", "--output", tmp_path / "eval", f"models={{s: {student_dir}}}", f"data=[{prepared}]",
                  "--cache", copy, "--no-generate", "--device", "cpu"]
-    assert "does not match its manifest entry" in moekd(capsys, *eval_args)
-    assert "does not match its manifest entry" in moekd(capsys, "inspect", copy, "--seq", 17,
-                                                        "--tokenizer", tokenizer_dir)
-    with pytest.raises(MoekdError, match="does not match its manifest entry"):
+    assert "does not match its commit record" in moekd(capsys, *eval_args)
+    assert "does not match its commit record" in moekd(capsys, "inspect", copy, "--seq", 17,
+                                                       "--tokenizer", tokenizer_dir)
+    with pytest.raises(MoekdError, match="does not match its commit record"):
         Manifest.load(copy).read_shard(2)
 
 
+def rename_record(cache_dir: Path, index: int, new: int) -> None:
+    (cache_dir / "commits" / f"shard-{index:05d}.json").rename(cache_dir / "commits" / f"shard-{new:05d}.json")
+
+
 @pytest.mark.parametrize("edit, message", [
-    (lambda m: m.update(shards={}), "shards must be a JSON list"),
-    (lambda m: m.update(identity=[]), "identity must be a JSON object"),
-    (lambda m: m["identity"].pop("encoding"), "identity.encoding must be an object"),
-    (lambda m: m["identity"]["encoding"].update(k="64"), "identity.encoding.k must be a positive integer"),
-    (lambda m: m["identity"]["encoding"].update(num_samples=-1), "num_samples must be a positive integer"),
-    (lambda m: m["shards"][0].update(rows=-3), r"shards\[0\].rows must be a non-negative integer"),
-    (lambda m: m["shards"][1].update(sha256="abc"), r"shards\[1\].sha256 is not a sha256"),
-    (lambda m: m["shards"][1].pop("bytes"), r"shards\[1\] must be an object with exactly"),
-    (lambda m: m["shards"].append(m["shards"][0]), "repeats shard index 0"),
-    (lambda m: m["identity"].update(num_shards="3"), "identity.num_shards must be a int"),
+    (lambda c: edit_manifest(c, lambda m: m.update(identity=[])), "identity must be a JSON object"),
+    (lambda c: edit_manifest(c, lambda m: m["identity"].pop("encoding")), "identity.encoding must be an object"),
+    (lambda c: edit_manifest(c, lambda m: m["identity"]["encoding"].update(k="64")),
+     "identity.encoding.k must be a positive integer"),
+    (lambda c: edit_manifest(c, lambda m: m["identity"]["encoding"].update(num_samples=-1)),
+     "num_samples must be a positive integer"),
+    (lambda c: edit_manifest(c, lambda m: m["identity"].update(num_shards="3")), "identity.num_shards must be a int"),
+    (lambda c: edit_record(c, 0, lambda r: r.update(rows=-3)), r"record.rows must be a non-negative integer"),
+    (lambda c: edit_record(c, 1, lambda r: r.update(sha256="abc")), r"record.sha256 is not a sha256"),
+    (lambda c: edit_record(c, 1, lambda r: r.pop("bytes")), r"record must be an object with exactly"),
+    (lambda c: rename_record(c, 1, 7), "is named for shard 7 but describes shard 1"),
+    (lambda c: edit_record(c, 1, lambda r: r.update(cache="0" * 64)), "does not belong to this cache"),
 ])
-def test_malformed_manifests_are_one_line_errors(copy, student_dir, tmp_path, prepared, edit, message, capsys):
-    edit_manifest(copy, edit)
+def test_malformed_manifests_and_records_are_one_line_errors(copy, student_dir, tmp_path, prepared, edit, message,
+                                                             capsys):
+    edit(copy)
     for command in commands(copy, student_dir, tmp_path, prepared):
-        assert "is malformed" in moekd(capsys, *command)
+        assert re.search(message, moekd(capsys, *command))
     with pytest.raises(MoekdError, match=message):
         Manifest.load(copy)
 
@@ -160,6 +180,9 @@ def test_malformed_manifests_are_one_line_errors(copy, student_dir, tmp_path, pr
 def test_inspect_shows_what_a_foreign_manifest_lacks_and_follows_no_path_in_it(copy, tokenizer_dir, capsys):
     edit_manifest(copy, lambda m: (m["identity"].pop("teacher"), m["identity"].pop("routing"),
                                    m["info"].update(teacher_path="/etc")))
+    foreign = identity_hash(json.loads((copy / "manifest.json").read_text())["identity"])
+    for index in range(3):  # as the foreign writer committed them
+        edit_record(copy, index, lambda r: r.update(cache=foreign))
     assert main(["inspect", str(copy)]) == 0
     assert "teacher    /etc (?, weights ?)" in capsys.readouterr().out
     assert "tokenizer=<the teacher's tokenizer directory>" in moekd(capsys, "inspect", copy, "--seq", 3)
@@ -322,7 +345,7 @@ def test_a_dataset_loading_script_is_refused_unrun(tmp_path, tokenizer_dir, caps
 
 
 def test_a_manifest_promising_rows_a_shard_lacks_is_one_line(copy, student_dir, tmp_path, prepared, capsys):
-    edit_manifest(copy, lambda m: m["shards"][0].update(rows=10_000))
+    edit_record(copy, 0, lambda r: r.update(rows=10_000))
     err = moekd(capsys, "eval", "--output", tmp_path / "eval", f"models={{s: {student_dir}}}", f"data=[{prepared}]",
                 "--cache", copy, "--no-generate", "--device", "cpu", "kl_max_rows=20")  # the shard holds 8
     assert "cannot read teacher-cache shard" in err
