@@ -35,14 +35,14 @@ from pipeline.models import load_model  # noqa: E402
 from stages import cache, prepare  # noqa: E402
 
 
-def synthetic_teacher(root: Path) -> tuple[Path, Path]:
+def synthetic_teacher(root: Path, rows: int = 256) -> tuple[Path, Path]:
     tokenizer = fixtures.make_tokenizer(root / "tokenizer")
     config = fixtures.tiny_moe_config(
         "mixtral", 49152, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
     )
     teacher = fixtures.make_model(root / "teacher", config, tokenizer)
-    records = fixtures.instruction_records(256, seed=1)
+    records = fixtures.instruction_records(rows, seed=1)
     for r in records:  # longer responses, closer to real instruction data
         r["response"] = " ".join([r["response"]] * 8)
     data = fixtures.write_jsonl(root / "train.jsonl", records)

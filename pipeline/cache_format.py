@@ -533,10 +533,11 @@ class Manifest:
         return manifest
 
     @classmethod
-    def load(cls, location: str | Path | Store) -> "Manifest":
-        """Read the manifest at `location` and gather the commit records, each checked field by field: a
-        missing, malformed or foreign manifest or record is a one-line error. A shard's file must be
-        `shards/shard-NNNNN[-<sha256 prefix>].parquet` for its own index, so no entry can point elsewhere."""
+    def load(cls, location: str | Path | Store, with_shards: bool = True) -> "Manifest":
+        """Read the manifest at `location` and (unless not `with_shards`: identity only) gather the commit
+        records, each checked field by field: a missing, malformed or foreign manifest or record is a one-line
+        error. A shard's file must be `shards/shard-NNNNN[-<sha256 prefix>].parquet` for its own index, so no
+        entry can point elsewhere."""
         store = open_store(location)
         where = store.url(MANIFEST)
         try:
@@ -556,7 +557,7 @@ class Manifest:
         manifest = cls(store, data["identity"], data["info"], {}, version)
         if version < COMMIT_RECORDS_VERSION:
             manifest.shards = {s["index"]: ShardInfo(**s) for s in data["shards"]}
-        else:
+        elif with_shards:
             manifest.gather()
         return manifest
 

@@ -2,11 +2,13 @@
 
 Rows come in shards: a cache's shards, or, for prepared data without a cache
 (SFT, online KD), row ranges of `shard_size` rows ("pseudo-shards"). Each
-epoch follows a plan built from metadata only (seq ids and the number of
-training targets T per row, `Manifest.read_shard_index`), seeded by (seed, epoch):
+epoch follows a plan built from metadata only (rows per shard; then, for each
+window as it is read, seq ids and the number of training targets T per row,
+`Manifest.read_shard_index`), seeded by (seed, epoch):
 
-1. shuffle the shard order; rank r of W takes shards r, r + W, ... of it, so
-   ranks never share a row;
+1. shuffle the shard order (a cache followed while it is written: index
+   order in the first epoch); rank r of W takes shards r, r + W, ... of it,
+   so ranks never share a row;
 2. cut the rank's shards into windows of `shuffle_shards` shards: a window is
    the shuffle buffer, decoded whole;
 3. inside a window, shuffle the rows, sort them by T (stable, so ties stay
@@ -22,9 +24,11 @@ on `num_batches(epoch)`, the smallest rank's count, without talking. A run
 resumed on another number of ranks splits what the earlier ranks had left of
 the epoch among the new ones (`work`), then plans the next epochs afresh.
 
-A background thread decodes windows (one window ahead) and collates batches
-(`pipeline.batch`) into a bounded queue; an error there is raised in the
-consumer.
+A background thread fetches and decodes windows (one window ahead, its
+shards side by side) and collates batches (`pipeline.batch`) into a bounded
+queue; an error there is raised in the consumer. The number of batches of an
+epoch follows from the rows alone, so a run can plan, schedule its learning
+rate and resume before a followed cache's shards exist.
 """
 
 from __future__ import annotations
@@ -293,4 +297,9 @@ class Reader:
             put(ReaderFailure(e))
 
     def read_window(self, window: Window) -> dict[int, list]:
-        return {shard: self.shards.read(shard) for shard in window.shards}
+        """The rows of the window's shards, fetched and decoded side by side (a remote store serves several
+        requests at once; decoding releases the GIL), and their index, which `arrange` needs next."""
+        with ThreadPoolExecutor(len(window.shards)) as pool:
+            rows = dict(zip(window.shards, pool.map(self.shards.read, window.shards)))
+            list(pool.map(self.index.__getitem__, window.shards))
+        return rows

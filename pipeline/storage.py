@@ -113,6 +113,12 @@ class LocalStore:
                 os.link(tmp, path)  # atomic, and fails on an existing name: the commit point
             except FileExistsError:
                 return False
+            except OSError as e:
+                if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise MoekdError(f"{self.root}: this file system does not support hard links, which moekd "
+                                     "needs to commit a shard without locks; write the cache to another file system "
+                                     "or to an object store (s3://...)") from None
+                raise
             fsync_dir(path.parent)
             return True
         except OSError as e:

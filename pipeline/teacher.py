@@ -38,6 +38,7 @@ from pipeline.logprobs import target_logprobs, vocab_size
 from pipeline.config import config_hash
 from pipeline.models import load_model, load_tokenizer, model_identity, tokenizer_fingerprint
 from pipeline.reader import CacheShards, PreparedShards
+from pipeline.storage import open_store
 from pipeline.routing import RoutingConfig, RoutingHooks
 
 # What a model must agree with: a directory -> (its tokenizer fingerprint, its vocabulary size or None).
@@ -67,12 +68,12 @@ def content(identity: dict) -> dict:
 
 def cache_inputs(cache: str) -> str:
     """A cache by content: the hash of its manifest's identity (teacher, data, routing, encoding, ...)."""
-    return config_hash(Manifest.load(cache).identity)
+    return config_hash(Manifest.load(cache, with_shards=False).identity)
 
 
 def cache_made_with(cache: str) -> MadeWith:
     """What the teacher of a cache was made with."""
-    identity = Manifest.load(cache).identity
+    identity = Manifest.load(cache, with_shards=False).identity
     return {cache: (identity.get("tokenizer_fingerprint"), identity["encoding"]["vocab_size"])}
 
 
@@ -142,8 +143,12 @@ class CachedTeacher:
         return collate_records(rows, pad_id, self.aggregate, self.top_k)
 
     def verify(self) -> None:
-        """Hash and check every committed shard; refuse a cache that fails (a followed cache's later shards are
-        checked as they are read)."""
+        """Hash and check every committed shard of a local cache; refuse a cache that fails. (Every read checks
+        its shard anyway: a remote cache is not fetched twice, and a followed one's later shards do not exist
+        yet.)"""
+        if open_store(self.cache).remote:
+            print(f"{self.cache}: each shard is checked against its commit record as it is read")
+            return
         start = time.perf_counter()
         problems = verify_cache(self.cache)
         if problems:
