@@ -61,6 +61,8 @@ class CacheShards:
     order, the order writers commit them in (`in_order`).
     """
 
+    concurrent = True  # each read fetches and decodes its own bytes: a window's shards are read side by side
+
     def __init__(self, cache: str, subset: list[int] | None = None, follow: bool = False,
                  poll_seconds: float = 2.0, timeout: float = 3600.0):
         self.manifest = Manifest.load(cache)
@@ -111,6 +113,7 @@ class PreparedShards:
     """Prepared data as pseudo-shards of `shard_size` consecutive rows; a row is a PreparedExample."""
 
     in_order = False
+    concurrent = False  # the rows come from one Parquet file, which is not read from several threads at once
 
     def __init__(self, data: PreparedData, shard_size: int):
         self.data, self.shard_size = data, shard_size
@@ -299,7 +302,7 @@ class Reader:
     def read_window(self, window: Window) -> dict[int, list]:
         """The rows of the window's shards, fetched and decoded side by side (a remote store serves several
         requests at once; decoding releases the GIL), and their index, which `arrange` needs next."""
-        with ThreadPoolExecutor(len(window.shards)) as pool:
+        with ThreadPoolExecutor(len(window.shards) if self.shards.concurrent else 1) as pool:
             rows = dict(zip(window.shards, pool.map(self.shards.read, window.shards)))
             list(pool.map(self.index.__getitem__, window.shards))
         return rows

@@ -468,6 +468,20 @@ def gumbel(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
+def ka_draws(config: RoutingConfig, seq_id: int, sample: int, length: int,
+             experts: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """KA's randomness for sample `sample` of a sequence of `length` real tokens: per MoE layer (with
+    `experts[layer]` experts), the token positions whose routing is sampled (each with probability λ) and their
+    Gumbel noise. A pure function of (seed, seq_id, sample, length), drawn from the sequence's own generator,
+    layer by layer: the same in any batch, padding, worker split, resumed run or backend."""
+    g = generator(config.seed, seq_id, sample)
+    draws = []
+    for num_experts in experts:
+        sampled = (torch.rand(length, generator=g) < config.lam).nonzero().squeeze(1)
+        draws.append((sampled, gumbel((len(sampled), num_experts), g)))
+    return draws
+
+
 class RoutingHooks:
     """Router hooks applying `config`'s routing mode to `model`; a context manager.
 
@@ -551,13 +565,12 @@ class RoutingHooks:
         mask = attention_mask.cpu()
         rows = [[] for _ in self.routers]
         noise = [[] for _ in self.routers]
+        experts = [router.num_experts for router in self.routers]
         for b, seq_id in enumerate(seq_ids):
-            g = generator(self.config.seed, seq_id, sample)
             positions = mask[b].nonzero().squeeze(1) + b * mask.shape[1]
-            for layer, router in enumerate(self.routers):
-                sampled = torch.rand(len(positions), generator=g) < self.config.lam
+            for layer, (sampled, gumbels) in enumerate(ka_draws(self.config, seq_id, sample, len(positions), experts)):
                 rows[layer].append(positions[sampled])
-                noise[layer].append(gumbel((int(sampled.sum()), router.num_experts), g))
+                noise[layer].append(gumbels)
         device = attention_mask.device
         return [(torch.cat(r).to(device), torch.cat(n).to(device)) for r, n in zip(rows, noise)]
 
