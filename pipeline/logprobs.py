@@ -60,6 +60,12 @@ def vocab_size(model) -> int:
     return min(rows, getattr(model.config, "unpadded_vocab_size", None) or rows)
 
 
+def config_vocab_size(config) -> int:
+    """`vocab_size` from a model's config alone (for a teacher another engine loads)."""
+    rows = config.get_text_config().vocab_size
+    return min(rows, getattr(config, "unpadded_vocab_size", None) or rows)
+
+
 def vocab_logprobs(model, hidden: Tensor) -> Tensor:
     """Log-probabilities over the vocabulary (at least float32) for hidden states (n, H)."""
     return torch.log_softmax(vocab_logits(model, hidden), dim=-1)

@@ -24,11 +24,13 @@ other routers.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from functools import partial
 from typing import ClassVar, Literal
 
 from tqdm import tqdm
@@ -41,13 +43,15 @@ from pipeline.data import PreparedData
 from pipeline.distributed import owned, worker_slot
 from pipeline.errors import MoekdError
 from pipeline.files import sha256_file
-from pipeline.logprobs import vocab_size
+from pipeline.logprobs import config_vocab_size, vocab_size
 from pipeline.models import (
-    honours_remote_code, load_model, load_tokenizer, model_identity, pad_token_id, resolve_device, resolve_dtype,
+    honours_remote_code, load_config, load_model, load_tokenizer, model_identity, pad_token_id, resolve_device,
+    resolve_dtype,
 )
 from pipeline.routers import apply_routers
 from pipeline.routing import RoutingConfig, RoutingHooks
 from pipeline.teacher import check_tokenizer
+from pipeline.vllm_teacher import EngineConfig, VllmTeacher
 
 
 @dataclass
@@ -57,6 +61,8 @@ class Config:
     teacher: str  # local Hugging Face directory of the (MoE) teacher
     data: str  # a `moekd prepare` output directory
     routers: str | None = None  # a `moekd sar` routers file for this teacher: cache the SAR-adapted teacher
+    backend: Literal["transformers", "vllm"] = "transformers"  # vllm: the teacher in a vLLM engine (optional)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # backend=vllm: the engine's settings
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     storage: Literal["topk", "sampled"] = "topk"  # top-k log-probs, or tokens drawn from the teacher
     top_k: int = 64  # topk: log-probs stored per token and sample
@@ -78,6 +84,11 @@ class Config:
             raise ValueError("aggregate=true needs routing.mode=ka (it averages the KA samples)")
         if self.storage == "sampled" and self.aggregate:
             raise ValueError("aggregate=true is top-k storage's: a sampled cache's draws already mix the M samples")
+        if self.backend == "vllm" and (self.storage == "sampled" or self.aggregate or self.routers):
+            raise ValueError("backend=vllm returns top-k log-probs only: storage=sampled and aggregate=true need the "
+                             "full distributions, and routers= the transformers model; use backend=transformers")
+        if self.backend != "vllm" and self.engine != EngineConfig():
+            raise ValueError("engine settings apply to backend=vllm only")
 
     def encoding(self, vocab_size: int) -> dict:
         """`cache_format.encoding_spec`'s arguments for this storage."""
@@ -95,12 +106,18 @@ def run(config: Config) -> dict:
     check_tokenizer("the teacher", config.teacher, tokenizer, None, {config.data: (data.tokenizer_fingerprint, None)})
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    model = load_model(config.teacher, dtype=dtype, device=device)
-    teacher = {key: value for key, value in model_identity(config.teacher, model).items() if key != "path"}
+    if config.backend == "vllm":  # the engine loads the weights; moekd reads the config only
+        model = None
+        teacher = {key: value for key, value in model_identity(config.teacher, load_config(config.teacher)).items()
+                   if key != "path"}
+        vocabulary = config_vocab_size(load_config(config.teacher))
+    else:
+        model = load_model(config.teacher, dtype=dtype, device=device)
+        teacher = {key: value for key, value in model_identity(config.teacher, model).items() if key != "path"}
+        vocabulary = vocab_size(model)
     if config.routers:
         apply_routers(model, config.routers)
         teacher["routers"] = sha256_file(Path(config.routers))  # absent without: older caches keep their identity
-    vocabulary = vocab_size(model)
     if config.storage == "topk" and config.top_k > vocabulary:
         raise MoekdError(f"top_k={config.top_k} exceeds the teacher's vocabulary ({vocabulary})")
     num_samples = config.routing.samples
@@ -117,6 +134,8 @@ def run(config: Config) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "encoding": encoding_spec(**config.encoding(vocabulary)),
     }
+    if config.backend == "vllm":  # absent for transformers: its caches keep their identity
+        identity["backend"] = {"name": "vllm", **to_dict(config.engine)}
     info = {"teacher_path": config.teacher, "routers_path": config.routers, "data_path": config.data,
             "device": device.type}
     manifest = Manifest.open(config.output, identity, info, config.overwrite)
@@ -127,16 +146,27 @@ def run(config: Config) -> dict:
         f"(routing={config.routing.mode}, M={num_samples}, "
         + (f"{config.draws} draws)" if config.storage == "sampled" else f"k={config.top_k})")
     )
-    with RoutingHooks(model, config.routing) as routing:
-        stats = write_shards(config, data, model, routing, manifest, todo, num_samples, vocabulary, tokenizer)
+    with contextlib.ExitStack() as stack:
+        if config.backend == "vllm":
+            engine = VllmTeacher(config.teacher, config.routing, config.engine, str(dtype).removeprefix("torch."),
+                                 config.top_k)
+
+            def records(examples, bar):
+                out = engine.records(examples, num_samples)
+                bar.update(sum(len(r.positions) for r in out))
+                return out
+        else:
+            routing = stack.enter_context(RoutingHooks(model, config.routing))
+            records = partial(teacher_records, config, model, routing, num_samples, pad_token_id(tokenizer))
+        stats = write_shards(config, data, records, manifest, todo, vocabulary)
     print_summary(stats, num_samples)
     return stats
 
 
-def write_shards(config, data, model, routing, manifest, todo, num_samples, vocab_size, tokenizer) -> dict:
-    """Compute and commit each shard in `todo` that no other process has committed. Shards another process
-    claimed come last: by then they are committed, or their writer died or is slow, and this one computes them."""
-    pad_id = pad_token_id(tokenizer)
+def write_shards(config, data, records, manifest, todo, vocab_size) -> dict:
+    """Compute (`records(examples, bar)`) and commit each shard in `todo` that no other process has committed.
+    Shards another process claimed come last: by then they are committed, or their writer died or is slow,
+    and this one computes them."""
     stats = {"shards": 0, "tokens": 0, "bytes": 0, "seconds": 0.0, "lost": 0}
     counts = data.target_counts()
     tokens = {s: int(counts[s * config.shard_size : (s + 1) * config.shard_size].sum()) for s in todo}
@@ -152,8 +182,8 @@ def write_shards(config, data, model, routing, manifest, todo, num_samples, voca
             if first and not manifest.claim(index):
                 line.append((index, False))
                 continue
-            records = teacher_records(config, data, model, routing, index, num_samples, pad_id, bar)
-            shard = write_shard(manifest.store, index, records, **config.encoding(vocab_size))
+            examples = data.rows(index * config.shard_size, (index + 1) * config.shard_size)
+            shard = write_shard(manifest.store, index, records(examples, bar), **config.encoding(vocab_size))
             if not manifest.commit(shard):
                 stats["lost"] += 1
                 bar.write(f"shard {index}: another process committed it first; its result is kept")
@@ -166,9 +196,9 @@ def write_shards(config, data, model, routing, manifest, todo, num_samples, voca
     return stats
 
 
-def teacher_records(config, data, model, routing, index, num_samples, pad_id, bar) -> list:
-    """All records of shard `index`, batched by length (a fixed plan, so numbers never depend on workers)."""
-    examples = data.rows(index * config.shard_size, (index + 1) * config.shard_size)
+def teacher_records(config, model, routing, num_samples, pad_id, examples, bar) -> list:
+    """The transformers backend's records of a shard's examples, batched by length (a fixed plan, so numbers
+    never depend on workers)."""
     order = sorted(examples, key=lambda e: (len(e.input_ids), e.seq_id))
     records = []
     for start in range(0, len(order), config.batch_size):

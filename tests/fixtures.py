@@ -243,3 +243,21 @@ def shard_file(cache: Path, index: int) -> Path:
     from pipeline.cache_format import Manifest
 
     return Path(cache) / Manifest.load(cache).shards[index].file
+
+
+def cache_files(directory: Path) -> dict[str, bytes]:
+    """Every file of a local cache (manifest, commit records and shards) by relative path."""
+    files = [directory / "manifest.json", *sorted((directory / "commits").glob("*.json")),
+             *sorted((directory / "shards").glob("*.parquet"))]
+    return {str(f.relative_to(directory)): f.read_bytes() for f in files}
+
+
+def wait_for_commits(output: Path, count: int, process: subprocess.Popen, timeout: float = 300) -> int:
+    """Wait until `process` has committed `count` shards to the local cache `output`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        committed = len(list((output / "commits").glob("*.json")))
+        if committed >= count:
+            return committed
+        time.sleep(0.01)
+    raise AssertionError(f"the cache process never committed {count} shards")

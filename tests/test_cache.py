@@ -6,7 +6,6 @@ import errno
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +37,6 @@ def run_cache(output, teacher, data, *extra):
     return cache.run(config)
 
 
-def cache_bytes(directory: Path) -> dict[str, bytes]:
-    """Every file of a cache (manifest, commit records and shards) by relative path."""
-    files = [directory / "manifest.json", *sorted((directory / "commits").glob("*.json")),
-             *sorted((directory / "shards").glob("*.parquet"))]
-    return {str(f.relative_to(directory)): f.read_bytes() for f in files}
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, moe_dir, prepared):
     """An uninterrupted single-worker KA cache to compare every other run against."""
@@ -71,7 +63,7 @@ def test_cache_contents_match_the_teacher(reference, prepared):
 
 def test_same_seed_gives_identical_bytes(tmp_path, reference, moe_dir, prepared):
     run_cache(tmp_path / "again", moe_dir("mixtral"), prepared, *KA)
-    assert cache_bytes(tmp_path / "again") == cache_bytes(reference)
+    assert fixtures.cache_files(tmp_path / "again") == fixtures.cache_files(reference)
     run_cache(tmp_path / "seed", moe_dir("mixtral"), prepared, *KA, "routing.seed=1")
     assert fixtures.shard_file(tmp_path / "seed", 0).read_bytes() != fixtures.shard_file(reference, 0).read_bytes()
 
@@ -79,7 +71,7 @@ def test_same_seed_gives_identical_bytes(tmp_path, reference, moe_dir, prepared)
 def test_worker_splits_give_the_same_cache(tmp_path, reference, moe_dir, prepared):
     for worker in range(3):
         run_cache(tmp_path / "split", moe_dir("mixtral"), prepared, *KA, f"worker={worker}", "num_workers=3")
-    assert cache_bytes(tmp_path / "split") == cache_bytes(reference)
+    assert fixtures.cache_files(tmp_path / "split") == fixtures.cache_files(reference)
 
 
 def test_torchrun_environment_selects_the_worker(tmp_path, monkeypatch, moe_dir, prepared):
@@ -94,16 +86,6 @@ def cache_command(output, teacher, data, *extra) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", "cache", str(output), *args]
 
 
-def wait_for_shards(output: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        committed = len(list((output / "commits").glob("*.json")))
-        if committed >= count:
-            return committed
-        time.sleep(0.01)
-    raise AssertionError(f"the cache process never committed {count} shards")
-
-
 @pytest.fixture(scope="module")
 def reference_small_shards(tmp_path_factory, moe_dir, prepared):
     """The reference cache again, in shards of 2 sequences (the subprocess tests' layout)."""
@@ -115,14 +97,14 @@ def reference_small_shards(tmp_path_factory, moe_dir, prepared):
 def test_sigkill_then_resume_is_byte_identical(tmp_path, moe_dir, prepared, reference_small_shards):
     teacher = moe_dir("mixtral")
     process = subprocess.Popen(cache_command(tmp_path / "killed", teacher, prepared), stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    wait_for_shards(tmp_path / "killed", 3, process)
+    fixtures.wait_for_commits(tmp_path / "killed", 3, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     committed = len(Manifest.load(tmp_path / "killed").committed())
     assert 3 <= committed < 15, "the kill must land mid-run for this test to mean anything"
     resumed = subprocess.run(cache_command(tmp_path / "killed", teacher, prepared), check=True, capture_output=True, text=True)
     assert f"{committed} already committed" in resumed.stdout
-    assert cache_bytes(tmp_path / "killed") == cache_bytes(reference_small_shards)
+    assert fixtures.cache_files(tmp_path / "killed") == fixtures.cache_files(reference_small_shards)
     assert not list((tmp_path / "killed" / "shards").glob("*.tmp"))
 
 
@@ -136,7 +118,7 @@ def test_concurrent_writers_share_the_work(tmp_path, moe_dir, prepared, referenc
     assert sum(written) == 15  # each shard committed once, by one of the two
     computed_twice = sum(out.count("committed it first") for out in outputs)
     assert computed_twice <= 2  # at most the shard the other was computing when one ran out of unclaimed ones
-    assert cache_bytes(tmp_path / "shared") == cache_bytes(reference_small_shards)
+    assert fixtures.cache_files(tmp_path / "shared") == fixtures.cache_files(reference_small_shards)
 
 
 def test_full_disk_keeps_committed_shards_and_resumes(tmp_path, monkeypatch, reference, moe_dir, prepared):
@@ -158,7 +140,7 @@ def test_full_disk_keeps_committed_shards_and_resumes(tmp_path, monkeypatch, ref
     assert not list((tmp_path / "full" / "shards").glob("*.tmp"))
     monkeypatch.setattr(Path, "write_bytes", real_write)
     run_cache(tmp_path / "full", moe_dir("mixtral"), prepared, *KA)
-    assert cache_bytes(tmp_path / "full") == cache_bytes(reference)
+    assert fixtures.cache_files(tmp_path / "full") == fixtures.cache_files(reference)
 
 
 def test_corrupted_shard_fails_verify_by_name(tmp_path, reference, capsys):

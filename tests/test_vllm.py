@@ -1,0 +1,176 @@
+"""Stage one on vLLM (`backend=vllm`), in vLLM's CPU build (`.venv-vllm`, scripts/setup_vllm.sh), fp32, tiny
+random models: the transformers cache again, the same KA draws however the engine batches, the KA distribution,
+resume after SIGKILL, refusals.
+
+vLLM runs in its own environment (it pins its own transformers), so each test runs `moekd cache` or
+`tests/vllm_probe.py` there as a subprocess and compares with the transformers backend run here.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fixtures
+from pipeline.cache_format import Manifest
+from pipeline.routing import RoutingConfig, ka_draws
+from stages import cache
+from test_routing import inclusion_probabilities
+
+VLLM_PYTHON = fixtures.REPO / ".venv-vllm" / "bin" / "python"
+# Shapes vLLM's CPU kernels take (head_dim 32, sizes multiples of 32); 8 experts, top-2.
+SHAPES = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32, intermediate_size=64)
+EXPERTS = {"mixtral": "num_local_experts", "gpt_oss": "num_local_experts"}
+YARN = {"rope_type": "yarn", "factor": 2.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+        "original_max_position_embeddings": 256, "rope_theta": 10000.0}  # vLLM's GPT-OSS needs yarn
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"]
+ENV = fixtures.SUBPROCESS_ENV | {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"}
+FP16_STEP = 2.0**-10  # two values a float16 rounding apart differ by at most this, relatively
+
+
+@pytest.fixture(scope="module", autouse=True)
+def vllm_environment():
+    if not VLLM_PYTHON.exists():
+        pytest.fail(f"{VLLM_PYTHON} is missing: run `bash scripts/setup_vllm.sh` (scripts/test.sh does)")
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory, tokenizer_dir):
+    made = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            extra = {EXPERTS.get(family, "num_experts"): 8} | ({"rope_parameters": YARN} if family == "gpt_oss" else {})
+            made[family] = fixtures.make_moe(tmp_path_factory.mktemp(family), family, tokenizer_dir,
+                                             **SHAPES, **extra)
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tokenizer_dir) -> Path:
+    return fixtures.prepared_records(tmp_path_factory.mktemp("vllm"), tokenizer_dir, 16, seed=2)
+
+
+def vllm_cache(output: Path, teacher: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [str(VLLM_PYTHON), "-m", "pipeline.cli", "cache", str(output), f"teacher={teacher}", f"data={data}",
+               "backend=vllm", "top_k=8", "shard_size=4", "dtype=float32", "device=cpu", *extra]
+    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def transformers_cache(output: Path, teacher: Path, data: Path, **settings) -> Path:
+    cache.run(cache.Config(output=str(output), teacher=str(teacher), data=str(data), top_k=8, shard_size=4,
+                           batch_size=4, dtype="float32", device="cpu", **settings))
+    return output
+
+
+def records(directory: Path) -> list:
+    manifest = Manifest.load(directory)
+    return [r for index in sorted(manifest.shards) for r in manifest.read_shard(index)]
+
+
+def assert_same_distributions(a: Path, b: Path) -> None:
+    """Same rows and positions; at each, the same top-k ids (ties aside) and log-probs equal up to 1e-4 and one
+    float16 rounding step (the caches round the same values, which differ in the last float32 bits)."""
+    pairs = list(zip(records(a), records(b), strict=True))
+    for x, y in pairs:
+        assert x.seq_id == y.seq_id and np.array_equal(x.positions, y.positions)
+        assert x.topk_ids.shape == y.topk_ids.shape
+    same = [np.array_equal(x.topk_ids, y.topk_ids) for x, y in pairs]
+    assert np.mean(same) > 0.9, "top-k ids differ beyond ties"
+    for x, y in (pair for pair, equal in zip(pairs, same) if equal):
+        np.testing.assert_allclose(x.topk_logprobs, y.topk_logprobs, rtol=FP16_STEP, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_topk_routing_gives_the_transformers_cache(tmp_path, teachers, prepared, family):
+    reference = transformers_cache(tmp_path / "transformers", teachers(family), prepared)
+    result = vllm_cache(tmp_path / "vllm", teachers(family), prepared)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_distributions(reference, tmp_path / "vllm")
+    identity = Manifest.load(tmp_path / "vllm").identity
+    assert identity["backend"]["name"] == "vllm" and "backend" not in Manifest.load(reference).identity
+
+
+def test_ka_gives_the_transformers_cache_with_the_same_draws(tmp_path, teachers, prepared):
+    ka = ["routing.mode=ka", "routing.samples=2", "routing.lam=0.5", "routing.seed=3"]
+    reference = transformers_cache(tmp_path / "transformers", teachers("mixtral"), prepared,
+                                   routing=RoutingConfig(mode="ka", samples=2, lam=0.5, seed=3))
+    result = vllm_cache(tmp_path / "vllm", teachers("mixtral"), prepared, *ka)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_distributions(reference, tmp_path / "vllm")
+    without = transformers_cache(tmp_path / "topk", teachers("mixtral"), prepared)
+    assert not all(np.allclose(x.topk_logprobs[0], y.topk_logprobs[0], atol=1e-2)  # KA really moved something
+                   for x, y in zip(records(without), records(reference)))
+
+
+def probe(tmp_path: Path, teacher: Path, data: Path, routing: dict, engine: dict) -> dict:
+    out = tmp_path / f"probe-{len(list(tmp_path.glob('probe-*')))}.json"
+    command = [str(VLLM_PYTHON), str(fixtures.REPO / "tests" / "vllm_probe.py"), str(teacher), str(data),
+               json.dumps(routing), json.dumps(engine), str(out)]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_ka_draws_do_not_depend_on_how_the_engine_batches(tmp_path, teachers, prepared):
+    routing = dict(mode="ka", samples=3, lam=0.5, seed=7)
+    batched = probe(tmp_path, teachers("mixtral"), prepared, routing, {})
+    # one request at a time, in chunks of 16 tokens (chunked prefill splits the longer rows)
+    alone = probe(tmp_path, teachers("mixtral"), prepared, routing, {"max_num_seqs": 1, "max_num_batched_tokens": 16})
+    chosen = {tuple(c[:4]): c[4] for c in batched["choices"]}
+    assert chosen == {tuple(c[:4]): c[4] for c in alone["choices"]}
+    # every choice is the top-k of the router logits plus the noise ka_draws keys by (seq, sample, layer, position)
+    config, lengths = RoutingConfig(**routing), {}
+    for seq_id, sample, layer, position, ids, logits in batched["choices"]:
+        lengths[seq_id] = max(lengths.get(seq_id, 0), position + 1)
+    for seq_id, sample, layer, position, ids, logits in batched["choices"]:
+        sampled, noise = ka_draws(config, seq_id, sample, lengths[seq_id], [8, 8])[layer]
+        scores = torch.tensor(logits)
+        if position in sampled.tolist():
+            scores = scores + noise[sampled.tolist().index(position)]
+        assert sorted(ids) == sorted(scores.topk(2).indices.tolist())
+
+
+def test_ka_with_lambda_one_samples_experts_without_replacement(tmp_path, teachers, prepared):
+    """λ=1: each expert is chosen with its exact inclusion probability under softmax(router logits)."""
+    choices = probe(tmp_path, teachers("qwen3_moe"), prepared, dict(mode="ka", samples=8, lam=1.0, seed=11),
+                    {})["choices"]
+    observed, expected, variance = (torch.zeros(2, 8, dtype=torch.float64) for _ in range(3))
+    for _, _, layer, _, ids, logits in choices:
+        incl = inclusion_probabilities(torch.softmax(torch.tensor([logits], dtype=torch.float64), -1), 2)[0]
+        observed[layer, ids] += 1
+        expected[layer] += incl
+        variance[layer] += incl * (1 - incl)
+    z = (observed - expected) / variance.sqrt()
+    assert len(choices) > 1000 and z.abs().max() < 4.0, z
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_vllm_cache(tmp_path, teachers, prepared):
+    teacher, args = teachers("mixtral"), ["shard_size=1", "routing.mode=ka", "routing.samples=2"]
+    assert vllm_cache(tmp_path / "whole", teacher, prepared, *args).returncode == 0
+    command = [str(VLLM_PYTHON), "-m", "pipeline.cli", "cache", str(tmp_path / "killed"), f"teacher={teacher}",
+               f"data={prepared}", "backend=vllm", "top_k=8", "dtype=float32", "device=cpu", *args]
+    victim = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fixtures.wait_for_commits(tmp_path / "killed", 3, victim)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    committed = len(Manifest.load(tmp_path / "killed").committed())
+    assert 3 <= committed < 16, "the kill must land mid-run for this test to mean anything"
+    resumed = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and f"{committed} already committed" in resumed.stdout, resumed.stderr[-2000:]
+    assert fixtures.cache_files(tmp_path / "killed") == fixtures.cache_files(tmp_path / "whole")
+
+
+def test_what_vllm_cannot_do_is_refused_in_one_line(tmp_path, teachers, prepared):
+    result = vllm_cache(tmp_path / "c", teachers("mixtral"), prepared, "storage=sampled")
+    assert result.returncode == 2 and "backend=vllm returns top-k log-probs only" in result.stderr
+    with pytest.raises(ValueError, match="engine settings apply to backend=vllm only"):
+        cache.Config(output="x", teacher="t", data="d", engine={"max_num_seqs": 4})

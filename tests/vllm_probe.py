@@ -1,0 +1,31 @@
+"""Run in the vLLM environment by tests/test_vllm.py: the vLLM backend's records and routing choices, as JSON.
+
+    python tests/vllm_probe.py MODEL PREPARED ROUTING_JSON ENGINE_JSON OUT_JSON
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from pipeline.data import PreparedData
+from pipeline.routing import RoutingConfig
+from pipeline.vllm_teacher import EngineConfig, VllmTeacher
+
+
+def main() -> None:
+    model, prepared, routing, engine, out = sys.argv[1:6]
+    routing = RoutingConfig(**json.loads(routing))
+    teacher = VllmTeacher(model, routing, EngineConfig(**json.loads(engine)), "float32", 8, record_choices=True)
+    examples = PreparedData(prepared).rows(0, 10**9)
+    records = teacher.records(examples, routing.samples)
+    json.dump({
+        "records": [{"seq_id": r.seq_id, "positions": r.positions.tolist(), "ids": r.topk_ids.tolist(),
+                     "logprobs": r.topk_logprobs.tolist()} for r in records],
+        "choices": [[*key, position, ids, logits] for key, rows in teacher.choices().items()
+                    for position, (ids, logits) in rows.items()],
+    }, open(out, "w"))
+
+
+if __name__ == "__main__":
+    main()
