@@ -35,11 +35,12 @@ from pipeline.models import load_model  # noqa: E402
 from stages import cache, prepare  # noqa: E402
 
 
-def synthetic_teacher(root: Path, rows: int = 256) -> tuple[Path, Path]:
+def synthetic_teacher(root: Path, rows: int = 256, **overrides) -> tuple[Path, Path]:
+    """A random Mixtral with SmolLM2's vocabulary (`overrides`: other config values) and `rows` prepared rows."""
     tokenizer = fixtures.make_tokenizer(root / "tokenizer")
     config = fixtures.tiny_moe_config(
-        "mixtral", 49152, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
+        "mixtral", 49152, **{**dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                    num_attention_heads=8, num_key_value_heads=4, num_local_experts=8), **overrides},
     )
     teacher = fixtures.make_model(root / "teacher", config, tokenizer)
     records = fixtures.instruction_records(rows, seed=1)
@@ -50,9 +51,10 @@ def synthetic_teacher(root: Path, rows: int = 256) -> tuple[Path, Path]:
     return teacher, root / "prepared"
 
 
-def time_bare_forward(teacher: Path, data: Path, batch_size: int, shard_size: int, samples: int) -> float:
+def time_bare_forward(teacher: Path, data: Path, batch_size: int, shard_size: int, samples: int,
+                      dtype: str = "float32", device: str = "cpu") -> float:
     """Seconds for plain forwards over the cache stage's own batches, `samples` times."""
-    model = load_model(teacher, dtype="float32", device="cpu")
+    model = load_model(teacher, dtype=dtype, device=device)
     prepared = PreparedData(data)
     pad = model.config.pad_token_id or 0
     seconds = 0.0
@@ -60,12 +62,19 @@ def time_bare_forward(teacher: Path, data: Path, batch_size: int, shard_size: in
         for start in range(0, len(prepared), shard_size):
             rows = sorted(prepared.rows(start, start + shard_size), key=lambda e: (len(e.input_ids), e.seq_id))
             for b in range(0, len(rows), batch_size):
-                batch = collate_examples(rows[b : b + batch_size], pad)
+                batch = collate_examples(rows[b : b + batch_size], pad).to(model.device)
+                synchronize(model.device)
                 begin = time.perf_counter()
                 for _ in range(samples):
                     model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                synchronize(model.device)
                 seconds += time.perf_counter() - begin
     return seconds
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def time_cache_stage(teacher: Path, data: Path, output: Path, overrides: list[str]) -> tuple[dict, float]:

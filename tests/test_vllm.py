@@ -169,8 +169,10 @@ def test_sigkill_then_resume_gives_the_uninterrupted_vllm_cache(tmp_path, teache
     assert fixtures.cache_files(tmp_path / "killed") == fixtures.cache_files(tmp_path / "whole")
 
 
-def test_what_vllm_cannot_do_is_refused_in_one_line(tmp_path, teachers, prepared):
+def test_what_vllm_cannot_do_is_refused_in_one_line(tmp_path, teachers, prepared, moe_dir):
     result = vllm_cache(tmp_path / "c", teachers("mixtral"), prepared, "storage=sampled")
     assert result.returncode == 2 and "backend=vllm returns top-k log-probs only" in result.stderr
+    result = vllm_cache(tmp_path / "c", moe_dir("deepseek_v3"), prepared)
+    assert result.returncode == 2 and "does not take model type 'deepseek_v3'" in result.stderr
     with pytest.raises(ValueError, match="engine settings apply to backend=vllm only"):
         cache.Config(output="x", teacher="t", data="d", engine={"max_num_seqs": 4})
