@@ -66,7 +66,9 @@ class VllmTeacher:
     """The teacher in a vLLM engine; `records(examples, ...)` gives a shard's TeacherRecords."""
 
     def __init__(self, teacher: str, routing: RoutingConfig, engine: EngineConfig, dtype: str, k: int,
-                 device: str = "auto", record_choices: bool = False):
+                 record_choices: bool = False):
+        """`dtype`: the engine's ("float32", "bfloat16", ...); `k`: log-probs kept per position;
+        `record_choices`: keep every routing decision for `choices` (tests)."""
         try:
             import vllm
         except ImportError:

@@ -1,6 +1,6 @@
 """Stage one on vLLM (`backend=vllm`), in vLLM's CPU build (`.venv-vllm`, scripts/setup_vllm.sh), fp32, tiny
-random models: the transformers cache again, the same KA draws however the engine batches, the KA distribution,
-resume after SIGKILL, refusals.
+random models: the transformers cache again (every routing mode), the same KA draws however the engine batches,
+the KA distribution, resume after SIGKILL, refusals.
 
 vLLM runs in its own environment (it pins its own transformers), so each test runs `moekd cache` or
 `tests/vllm_probe.py` there as a subprocess and compares with the transformers backend run here.
@@ -97,6 +97,16 @@ def test_topk_routing_gives_the_transformers_cache(tmp_path, teachers, prepared,
     assert_same_distributions(reference, tmp_path / "vllm")
     identity = Manifest.load(tmp_path / "vllm").identity
     assert identity["backend"]["name"] == "vllm" and "backend" not in Manifest.load(reference).identity
+
+
+@pytest.mark.parametrize("mode", ["all", "top_p"])
+def test_every_expert_or_top_p_gives_the_transformers_cache(tmp_path, teachers, prepared, mode):
+    # OLMoE: weights not renormalised over the chosen experts, the rule that differs most from `all` = 1
+    routing = RoutingConfig(mode=mode, top_p=0.7)
+    reference = transformers_cache(tmp_path / "transformers", teachers("olmoe"), prepared, routing=routing)
+    result = vllm_cache(tmp_path / "vllm", teachers("olmoe"), prepared, f"routing.mode={mode}", "routing.top_p=0.7")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_distributions(reference, tmp_path / "vllm")
 
 
 def test_ka_gives_the_transformers_cache_with_the_same_draws(tmp_path, teachers, prepared):
