@@ -14,6 +14,10 @@ torchrun) fill one cache without overlap. Writers started without a split may
 both compute a shard neither has committed: the first commit wins and the
 cache is the same.
 
+`backend=vllm` runs the teacher in a vLLM engine instead of the transformers
+forward (`pipeline.vllm_teacher`): the same shards, routing modes and KA
+draws, at engine speed on GPUs; it is part of the cache's identity.
+
 `routers` (a `moekd sar` routers file) runs the teacher with the routers SAR
 adapted to a student, loaded onto the original teacher after it is read
 (`pipeline.routers.apply_routers`, which refuses a file trained on another
@@ -107,10 +111,9 @@ def run(config: Config) -> dict:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     if config.backend == "vllm":  # the engine loads the weights; moekd reads the config only
-        model = None
-        teacher = {key: value for key, value in model_identity(config.teacher, load_config(config.teacher)).items()
-                   if key != "path"}
-        vocabulary = config_vocab_size(load_config(config.teacher))
+        model, model_config = None, load_config(config.teacher)
+        teacher = {key: value for key, value in model_identity(config.teacher, model_config).items() if key != "path"}
+        vocabulary = config_vocab_size(model_config)
     else:
         model = load_model(config.teacher, dtype=dtype, device=device)
         teacher = {key: value for key, value in model_identity(config.teacher, model).items() if key != "path"}
@@ -148,11 +151,13 @@ def run(config: Config) -> dict:
     )
     with contextlib.ExitStack() as stack:
         if config.backend == "vllm":
-            engine = VllmTeacher(config.teacher, config.routing, config.engine, str(dtype).removeprefix("torch."),
-                                 config.top_k)
+            engine = []  # started at the first shard to write: a finished cache costs no engine start-up
 
             def records(examples, bar):
-                out = engine.records(examples, num_samples)
+                if not engine:
+                    engine.append(VllmTeacher(config.teacher, config.routing, config.engine,
+                                              str(dtype).removeprefix("torch."), config.top_k))
+                out = engine[0].records(examples, num_samples)
                 bar.update(sum(len(r.positions) for r in out))
                 return out
         else:
