@@ -611,8 +611,8 @@ class Manifest:
             raise MoekdError(f"{self.store.url(MANIFEST)} was replaced by a run with different settings while "
                              f"this one was writing shard {info.index}")
         record = {"cache": identity_hash(self.identity), **dataclasses.asdict(info)}
+        self.store.delete(claim_name(info.index))  # first: a writer killed after its commit leaves no claim behind
         won = self.store.create(commit_name(info.index), _json_bytes(record))
-        self.store.delete(claim_name(info.index))
         if not won:
             winner = self._record(commit_name(info.index), self.store.read(commit_name(info.index)))
             if winner.file != info.file:

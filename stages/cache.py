@@ -40,7 +40,7 @@ from typing import ClassVar, Literal
 from tqdm import tqdm
 
 from pipeline.batch import collate_examples
-from pipeline.cache_format import SHARDS, Manifest, encoding_spec, write_shard
+from pipeline.cache_format import CLAIMS, COMMITS, SHARDS, Manifest, encoding_spec, write_shard
 from pipeline.capture import capture_batch
 from pipeline.config import to_dict
 from pipeline.data import PreparedData
@@ -175,7 +175,8 @@ def write_shards(config, data, records, manifest, todo, vocab_size) -> dict:
     stats = {"shards": 0, "tokens": 0, "bytes": 0, "seconds": 0.0, "lost": 0}
     counts = data.target_counts()
     tokens = {s: int(counts[s * config.shard_size : (s + 1) * config.shard_size].sum()) for s in todo}
-    manifest.store.remove_dead_temporaries(SHARDS)
+    for folder in (SHARDS, COMMITS, CLAIMS):  # what writers killed on this host left half-written
+        manifest.store.remove_dead_temporaries(folder)
     start = time.perf_counter()
     line = [(index, True) for index in todo]  # (shard, first time in line)
     with tqdm(total=sum(tokens.values()), unit="tok", desc="teacher", dynamic_ncols=True) as bar:

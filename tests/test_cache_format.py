@@ -17,6 +17,7 @@ from pipeline.cache_format import (
     Manifest, TeacherRecord, encoding_spec, read_shard, read_shard_index, verify_cache, write_shard,
 )
 from pipeline.errors import MoekdError
+from pipeline.storage import LocalStore
 
 FP16_REL = 2.0**-11  # float16 round-to-nearest: half an ulp, relative
 FP16_ABS = 2.0**-25  # below float16's smallest normal (2**-14), the error is absolute
@@ -322,6 +323,23 @@ def test_a_shard_is_claimed_once_and_its_claim_goes_when_it_is_committed(tmp_pat
     records = make_records(4)
     first.commit(write_shard(tmp_path, 0, records, **spec_of(records, 500, False)))
     assert [p.name for p in (tmp_path / "claims").iterdir()] == ["shard-00001.json"]
+
+
+def test_a_writer_killed_as_it_commits_leaves_no_claim(tmp_path, monkeypatch):
+    manifest = Manifest.open(tmp_path, identity(), {}, overwrite=False)
+    assert manifest.claim(0)
+    real_create = LocalStore.create
+
+    def create_then_die(store, name, data):
+        real_create(store, name, data)
+        if name.startswith("commits/"):
+            raise KeyboardInterrupt  # killed right after the commit point
+
+    monkeypatch.setattr(LocalStore, "create", create_then_die)
+    records = make_records(4)
+    with pytest.raises(KeyboardInterrupt):
+        manifest.commit(write_shard(tmp_path, 0, records, **spec_of(records, 500, False)))
+    assert Manifest.load(tmp_path).committed() == {0} and list((tmp_path / "claims").iterdir()) == []
 
 
 def test_a_losing_writer_removes_its_own_object_and_the_winner_removes_leftovers(tmp_path):
