@@ -611,8 +611,8 @@ class Manifest:
             raise MoekdError(f"{self.store.url(MANIFEST)} was replaced by a run with different settings while "
                              f"this one was writing shard {info.index}")
         record = {"cache": identity_hash(self.identity), **dataclasses.asdict(info)}
-        self.store.delete(claim_name(info.index))  # first: a writer killed after its commit leaves no claim behind
         won = self.store.create(commit_name(info.index), _json_bytes(record))
+        self.store.delete(claim_name(info.index))  # a writer killed just before this leaves it: drop_stale_claims
         if not won:
             winner = self._record(commit_name(info.index), self.store.read(commit_name(info.index)))
             if winner.file != info.file:
@@ -625,6 +625,15 @@ class Manifest:
                     and name != info.file:
                 self.store.delete(name)
         return True
+
+    def drop_stale_claims(self) -> None:
+        """Delete the claims of committed shards (a writer killed between its commit and deleting its claim
+        leaves one)."""
+        self.gather()
+        for name in self.store.list(CLAIMS):
+            match = CLAIM_FILE.fullmatch(name)
+            if match and int(match[1]) in self.shards:
+                self.store.delete(name)
 
     def shard_bytes(self, index: int) -> bytes:
         """Shard `index` as committed, refused unless its size and sha256 are the commit record's (it may have
@@ -721,6 +730,7 @@ def _remove_cache(store: Store) -> None:
 
 SHARD_FILE = re.compile(rf"{SHARDS}/shard-(\d{{5,}})(?:-([0-9a-f]{{16}}))?\.parquet")
 COMMIT_FILE = re.compile(rf"{COMMITS}/shard-(\d{{5,}})\.json")
+CLAIM_FILE = re.compile(rf"{CLAIMS}/shard-(\d{{5,}})\.json")
 SHARD_FIELDS = {"index": int, "file": str, "rows": int, "tokens": int, "bytes": int, "sha256": str}
 ENCODING_FIELDS = {"topk": {"vocab_size": int, "k": int, "num_samples": int, "aggregate": bool},
                    "sampled": {"vocab_size": int, "num_samples": int, "draws": int}}

@@ -198,6 +198,7 @@ def write_shards(config, data, records, manifest, todo, vocab_size) -> dict:
             stats["tokens"] += shard.tokens
             stats["bytes"] += shard.bytes
             bar.set_postfix(tok_s=f"{stats['tokens'] / (time.perf_counter() - start):.0f}")
+    manifest.drop_stale_claims()
     stats["seconds"] = time.perf_counter() - start
     return stats
 

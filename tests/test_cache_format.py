@@ -325,21 +325,26 @@ def test_a_shard_is_claimed_once_and_its_claim_goes_when_it_is_committed(tmp_pat
     assert [p.name for p in (tmp_path / "claims").iterdir()] == ["shard-00001.json"]
 
 
-def test_a_writer_killed_as_it_commits_leaves_no_claim(tmp_path, monkeypatch):
+def test_the_claim_of_a_writer_killed_as_it_commits_is_dropped_by_the_next(tmp_path, monkeypatch):
     manifest = Manifest.open(tmp_path, identity(), {}, overwrite=False)
     assert manifest.claim(0)
     real_create = LocalStore.create
 
     def create_then_die(store, name, data):
-        real_create(store, name, data)
+        created = real_create(store, name, data)
         if name.startswith("commits/"):
             raise KeyboardInterrupt  # killed right after the commit point
+        return created
 
     monkeypatch.setattr(LocalStore, "create", create_then_die)
     records = make_records(4)
     with pytest.raises(KeyboardInterrupt):
         manifest.commit(write_shard(tmp_path, 0, records, **spec_of(records, 500, False)))
-    assert Manifest.load(tmp_path).committed() == {0} and list((tmp_path / "claims").iterdir()) == []
+    assert manifest.claim(1)  # another shard, still being computed
+    resumed = Manifest.load(tmp_path)
+    assert resumed.committed() == {0} and len(list((tmp_path / "claims").iterdir())) == 2
+    resumed.drop_stale_claims()
+    assert [p.name for p in (tmp_path / "claims").iterdir()] == ["shard-00001.json"]
 
 
 def test_a_losing_writer_removes_its_own_object_and_the_winner_removes_leftovers(tmp_path):
