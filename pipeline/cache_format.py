@@ -105,7 +105,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import MoekdError
-from pipeline.storage import Store, open_store, temporary_tag
+from pipeline.config import config_hash
+from pipeline.files import json_bytes, parse_json, writer_tag
+from pipeline.storage import Store, open_store
 
 FORMAT_NAME = "moekd-teacher-cache"
 FORMAT_VERSION = 3  # of the manifest and commit records; caches of versions 1-2 (one manifest listing every
@@ -527,7 +529,7 @@ class Manifest:
         if overwrite:
             _remove_cache(store)
         manifest = cls(store, identity, info, {})
-        if not store.create(MANIFEST, _json_bytes({"format": FORMAT_NAME, "version": FORMAT_VERSION,
+        if not store.create(MANIFEST, json_bytes({"format": FORMAT_NAME, "version": FORMAT_VERSION,
                                                    "identity": identity, "info": info})):
             return cls.open(store, identity, info, overwrite=False)  # another writer started it just now
         return manifest
@@ -544,7 +546,7 @@ class Manifest:
             raw = store.read(MANIFEST)
         except FileNotFoundError:
             raise MoekdError(f"teacher-cache manifest not found: {where}") from None
-        data = _parse_json(raw, f"teacher-cache manifest {where}")
+        data = parse_json(raw, f"teacher-cache manifest {where}")
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise MoekdError(f"{where} is not a moekd teacher-cache manifest (format must be {FORMAT_NAME!r})")
         version = data.get("version")
@@ -575,8 +577,8 @@ class Manifest:
 
     def _record(self, name: str, raw: bytes) -> ShardInfo:
         where = self.store.url(name)
-        record = _parse_json(raw, f"commit record {where}")
-        if not isinstance(record, dict) or record.get("cache") != identity_hash(self.identity):
+        record = parse_json(raw, f"commit record {where}")
+        if not isinstance(record, dict) or record.get("cache") != config_hash(self.identity):
             raise MoekdError(f"commit record {where} does not belong to this cache (its \"cache\" is not the hash "
                              "of the manifest's identity); the cache was replaced while being written, or tampered "
                              "with. Rebuild it with overwrite=true.")
@@ -600,18 +602,18 @@ class Manifest:
         """Announce that this process computes shard `index`, unless another did (a conditional put). A claim is a
         hint that spares concurrent writers duplicate work; only commit records count, so a claim a killed
         writer left is simply taken over (`moekd cache` computes claimed shards last)."""
-        return self.store.create(claim_name(index), _json_bytes({"writer": temporary_tag()}))
+        return self.store.create(claim_name(index), json_bytes({"writer": writer_tag()}))
 
     def commit(self, info: ShardInfo) -> bool:
         """Commit a written shard: create its commit record if no other process has (a conditional put). The
         loser's shard object is deleted unless it is the winner's (same bytes, same name); the winner deletes
         what killed writers of the shard left. Returns whether this call committed it."""
-        current = _parse_json(self.store.read(MANIFEST), "teacher-cache manifest")
+        current = parse_json(self.store.read(MANIFEST), "teacher-cache manifest")
         if not isinstance(current, dict) or current.get("identity") != self.identity:
             raise MoekdError(f"{self.store.url(MANIFEST)} was replaced by a run with different settings while "
                              f"this one was writing shard {info.index}")
-        record = {"cache": identity_hash(self.identity), **dataclasses.asdict(info)}
-        won = self.store.create(commit_name(info.index), _json_bytes(record))
+        record = {"cache": config_hash(self.identity), **dataclasses.asdict(info)}
+        won = self.store.create(commit_name(info.index), json_bytes(record))
         self.store.delete(claim_name(info.index))  # a writer killed just before this leaves it: drop_stale_claims
         if not won:
             winner = self._record(commit_name(info.index), self.store.read(commit_name(info.index)))
@@ -683,23 +685,6 @@ def claim_name(index: int) -> str:
 def _commit_index(name: str) -> int | None:
     match = COMMIT_FILE.fullmatch(name)
     return int(match[1]) if match else None
-
-
-def identity_hash(identity: dict) -> str:
-    """The hash a commit record carries of its cache's identity, so a record never joins another cache."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _json_bytes(data: dict) -> bytes:
-    """Stable, human-readable JSON (sorted keys, trailing newline)."""
-    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-
-
-def _parse_json(raw: bytes, what: str):
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MoekdError(f"{what} is not valid JSON: {e}") from None
 
 
 def _as_json(data: dict) -> dict:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -53,7 +54,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    tmp = temporary_path(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -64,14 +65,46 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if e.errno == errno.ENOSPC:
-            raise MoekdError(
-                f"disk full while writing {path}; everything committed before it is kept, "
-                "free some space and re-run the same command to resume"
-            ) from None
+            raise disk_full(path) from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def writer_tag() -> str:
+    """host-pid: which process on which machine wrote something."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def temporary_path(path: Path) -> Path:
+    """Where a write of `path` goes first: beside it, tagged with its writer, so that `remove_dead_temporaries`
+    can tell a dead writer's leftovers from a live one's."""
+    return path.with_name(f"{path.name}.{writer_tag()}{TMP_SUFFIX}")
+
+
+def remove_dead_temporaries(directory: Path) -> None:
+    """Delete the temporary files in `directory` that writers on this host left when they were killed."""
+    tag = f".{socket.gethostname()}-"
+    for tmp in Path(directory).glob(f"*{TMP_SUFFIX}") if Path(directory).is_dir() else ():
+        writer = tmp.name.removesuffix(TMP_SUFFIX)
+        if tag in writer and not _alive(writer.rsplit("-", 1)[-1]):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def disk_full(path: Path) -> MoekdError:
+    return MoekdError(f"disk full while writing {path}; everything committed before it is kept, "
+                      "free some space and re-run the same command to resume")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -84,9 +117,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
+def json_bytes(obj) -> bytes:
+    """`obj` as stable, human-readable JSON (sorted keys, trailing newline)."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
 def atomic_write_json(path: Path, obj) -> None:
-    """Write `obj` as stable, human-readable JSON (sorted keys, trailing newline)."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """Write `obj` as `json_bytes`."""
+    atomic_write_bytes(path, json_bytes(obj))
+
+
+def parse_json(raw: bytes, what: str):
+    """Parsed JSON, or a clear error naming `what` when it is not JSON."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoekdError(f"{what} is not valid JSON: {e}") from None
 
 
 def read_json(path: Path, what: str = "file"):
@@ -94,10 +140,7 @@ def read_json(path: Path, what: str = "file"):
     path = Path(path)
     if not path.is_file():
         raise MoekdError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MoekdError(f"{what} {path} is not valid JSON: {e}") from None
+    return parse_json(path.read_bytes(), f"{what} {path}")
 
 
 def remove_stale_temporaries(directory: Path, name: str = "*") -> None:

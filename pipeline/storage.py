@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable, TypeVar
 
-from pipeline.errors import MoekdError
+from pipeline.errors import MoekdError, first_line
 from pipeline.files import (
-    FILE_MODE, TMP_SUFFIX, atomic_write_bytes, confined_parts, fsync_dir, open_confined, plain_directory,
-    read_confined,
+    FILE_MODE, atomic_write_bytes, confined_parts, disk_full, fsync_dir, open_confined, plain_directory,
+    read_confined, remove_dead_temporaries, temporary_path,
 )
 
 T = TypeVar("T")
@@ -102,7 +101,7 @@ class LocalStore:
     def create(self, name: str, data: bytes) -> bool:
         """Write `name` only if it does not exist; False if it does. Readers never see a partial file."""
         path = self._writable(name)
-        tmp = path.with_name(f"{path.name}.{temporary_tag()}{TMP_SUFFIX}")
+        tmp = temporary_path(path)
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -123,8 +122,7 @@ class LocalStore:
             return True
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                raise MoekdError(f"disk full while writing {path}; everything committed before it is kept, "
-                                 "free some space and re-run the same command to resume") from None
+                raise disk_full(path) from None
             raise
         finally:
             tmp.unlink(missing_ok=True)
@@ -140,33 +138,13 @@ class LocalStore:
 
     def remove_dead_temporaries(self, folder: str) -> None:
         """Delete the temporary files that writers on this host killed before they finished left in `folder`."""
-        prefix = f".{socket.gethostname()}-"
-        directory = self.root / folder
-        for tmp in directory.glob(f"*{TMP_SUFFIX}") if directory.is_dir() else ():
-            tag = tmp.name.removesuffix(TMP_SUFFIX)
-            if prefix in tag and not _alive(tag.rsplit("-", 1)[-1]):
-                tmp.unlink(missing_ok=True)
+        remove_dead_temporaries(self.root / folder)
 
     def _writable(self, name: str) -> Path:
         path = self.root / Path(*confined_parts(name, "cache file"))
         path.parent.mkdir(parents=True, exist_ok=True)
         plain_directory(path.parent, "a cache folder")
         return path
-
-
-def temporary_tag() -> str:
-    """host-pid: which writer a temporary file belongs to, so that only a dead writer's are removed."""
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RemoteStore:
@@ -262,8 +240,7 @@ class RemoteStore:
                                  "(for S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or FSSPEC_S3)") from None
             except (OSError, TimeoutError) as e:  # s3fs: 5xx, throttling, resets, after its own retries
                 if attempt == RETRIES - 1:
-                    raise MoekdError(f"{self.url(name)}: {first_line(e) or type(e).__name__} (after {RETRIES} "
-                                     "attempts)") from None
+                    raise MoekdError(f"{self.url(name)}: {first_line(e)} (after {RETRIES} attempts)") from None
                 time.sleep(0.5 * 2**attempt)
             except Exception as e:  # noqa: BLE001 - the client's own errors (botocore: endpoint unreachable, ...)
                 raise MoekdError(f"{self.url(name)}: {type(e).__name__}: {first_line(e)}; check the endpoint "
@@ -276,10 +253,6 @@ def _precondition_failed(error: OSError) -> bool:
     says which condition failed, as AWS does; SeaweedFS and others do not)."""
     response = getattr(error.__cause__, "response", None)
     return isinstance(response, dict) and response.get("Error", {}).get("Code") == "PreconditionFailed"
-
-
-def first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else ""
 
 
 Store = LocalStore | RemoteStore

@@ -29,12 +29,12 @@ other routers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from functools import partial
 from typing import ClassVar, Literal
 
 from tqdm import tqdm
@@ -151,18 +151,17 @@ def run(config: Config) -> dict:
     )
     with contextlib.ExitStack() as stack:
         if config.backend == "vllm":
-            engine = []  # started at the first shard to write: a finished cache costs no engine start-up
+            # started at the first shard to write: a finished cache costs no engine start-up
+            engine = functools.cache(lambda: VllmTeacher(config.teacher, config.routing, config.engine,
+                                                         str(dtype).removeprefix("torch."), config.top_k))
 
             def records(examples, bar):
-                if not engine:
-                    engine.append(VllmTeacher(config.teacher, config.routing, config.engine,
-                                              str(dtype).removeprefix("torch."), config.top_k))
-                out = engine[0].records(examples, num_samples)
+                out = engine().records(examples, num_samples)
                 bar.update(sum(len(r.positions) for r in out))
                 return out
         else:
             routing = stack.enter_context(RoutingHooks(model, config.routing))
-            records = partial(teacher_records, config, model, routing, num_samples, pad_token_id(tokenizer))
+            records = functools.partial(teacher_records, config, model, routing, num_samples, pad_token_id(tokenizer))
         stats = write_shards(config, data, records, manifest, todo, vocabulary)
     print_summary(stats, num_samples)
     return stats

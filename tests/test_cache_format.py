@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,7 @@ from pipeline.cache_format import (
     Manifest, TeacherRecord, encoding_spec, read_shard, read_shard_index, verify_cache, write_shard,
 )
 from pipeline.errors import MoekdError
+from pipeline.files import atomic_path
 from pipeline.storage import LocalStore
 
 FP16_REL = 2.0**-11  # float16 round-to-nearest: half an ulp, relative
@@ -345,6 +350,23 @@ def test_the_claim_of_a_writer_killed_as_it_commits_is_dropped_by_the_next(tmp_p
     assert resumed.committed() == {0} and len(list((tmp_path / "claims").iterdir())) == 2
     resumed.drop_stale_claims()
     assert [p.name for p in (tmp_path / "claims").iterdir()] == ["shard-00001.json"]
+
+
+def test_a_killed_writers_temporaries_are_removed_and_a_live_ones_kept(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = shards / f"shard-00000-{'0' * 16}.parquet.{host}-{dead.stdout.strip()}.tmp"
+    live = shards / f"shard-00001-{'0' * 16}.parquet.{host}-{os.getpid()}.tmp"
+    other_host = shards / f"shard-00002-{'0' * 16}.parquet.elsewhere-{dead.stdout.strip()}.tmp"
+    for path in (left, live, other_host):
+        path.write_bytes(b"PAR1 half")
+    LocalStore(tmp_path).remove_dead_temporaries("shards")
+    assert sorted(shards.iterdir()) == sorted([live, other_host])
+    with atomic_path(shards / "x") as tmp:  # every writer's temporaries carry the tag
+        assert tmp.name == f"x.{host}-{os.getpid()}.tmp"
+        tmp.write_bytes(b"")
 
 
 def test_a_losing_writer_removes_its_own_object_and_the_winner_removes_leftovers(tmp_path):

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import fixtures
-from pipeline.cache_format import Manifest, identity_hash, verify_cache
+from pipeline.cache_format import Manifest, verify_cache
 from pipeline.cli import main
+from pipeline.config import config_hash
 from pipeline.errors import MoekdError
 from pipeline.files import FileLock
 from pipeline.models import REMOTE_CODE, load_model
@@ -180,7 +181,7 @@ def test_malformed_manifests_and_records_are_one_line_errors(copy, student_dir, 
 def test_inspect_shows_what_a_foreign_manifest_lacks_and_follows_no_path_in_it(copy, tokenizer_dir, capsys):
     edit_manifest(copy, lambda m: (m["identity"].pop("teacher"), m["identity"].pop("routing"),
                                    m["info"].update(teacher_path="/etc")))
-    foreign = identity_hash(json.loads((copy / "manifest.json").read_text())["identity"])
+    foreign = config_hash(json.loads((copy / "manifest.json").read_text())["identity"])
     for index in range(3):  # as the foreign writer committed them
         edit_record(copy, index, lambda r: r.update(cache=foreign))
     assert main(["inspect", str(copy)]) == 0
