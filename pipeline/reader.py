@@ -63,9 +63,10 @@ class CacheShards:
 
     concurrent = True  # each read fetches and decodes its own bytes: a window's shards are read side by side
 
-    def __init__(self, cache: str, subset: list[int] | None = None, follow: bool = False,
+    def __init__(self, cache: str | Manifest, subset: list[int] | None = None, follow: bool = False,
                  poll_seconds: float = 2.0, timeout: float = 3600.0):
-        self.manifest = Manifest.load(cache)
+        """`cache`: its location, or its manifest already loaded."""
+        self.manifest = cache if isinstance(cache, Manifest) else Manifest.load(cache)
         identity = self.manifest.identity
         everything = range(identity["num_shards"]) if follow else self.manifest.shards
         self.indices = sorted(everything if subset is None else set(subset))

@@ -130,14 +130,15 @@ class CachedTeacher:
             raise MoekdError(f"cache_shards: teacher cache {cache} has no shard {missing[0]} "
                              f"(it has {len(known)}: 0 to {max(known, default=-1)})")
         self.cache, self.aggregate, self.top_k, self.subset, self.follow = cache, aggregate, top_k, shards, follow
+        self.manifest = manifest  # its commit records gathered once (a round trip each on a remote store)
         self.made_with = cache_made_with(cache)
         self.inputs = {"cache": cache_inputs(cache)}
         self.description = f"offline KD from {cache}" + (" (following it as it is written)" if follow else "")
 
     def shards(self) -> CacheShards:
         if self.follow is None:
-            return CacheShards(self.cache, self.subset)
-        return CacheShards(self.cache, self.subset, follow=True, timeout=self.follow)
+            return CacheShards(self.manifest, self.subset)
+        return CacheShards(self.manifest, self.subset, follow=True, timeout=self.follow)
 
     def collate(self, rows: list, pad_id: int) -> Batch:
         return collate_records(rows, pad_id, self.aggregate, self.top_k)
