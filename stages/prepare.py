@@ -43,6 +43,7 @@ class Config:
     template: str = "chat"  # "chat", or a format string of {instruction} and {context}
     max_length: int = 512
     truncation: Truncation = "left"  # over-long examples: left = drop the prompt's start; skip = drop the example
+    select: dict[str, list[str]] | None = None  # keep only records whose field holds one of these values
     limit: int | None = None  # stop after this many prepared rows
     max_record_bytes: int = MAX_RECORD_BYTES  # a record with more text is skipped before it is tokenized
     overwrite: bool = False
@@ -57,6 +58,9 @@ class Config:
             raise ValueError(f"max_record_bytes must be positive, got {self.max_record_bytes}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be a positive number of rows or null, got {self.limit}")
+        for name, values in (self.select or {}).items():
+            if not values:
+                raise ValueError(f"select.{name} is empty: give the values of {name} to keep")
 
 
 @honours_remote_code
@@ -88,6 +92,7 @@ def run(config: Config) -> None:
         "tokens": counts["tokens"],
         "response_tokens": counts["response_tokens"],
         "skipped": dict(skipped),
+        "not_selected": counts["not_selected"],
         "truncated": {reason: counts[reason] for reason in ("prompt_truncated", "response_truncated")},
         "config": to_dict(config),
     }
@@ -145,6 +150,7 @@ def prepared_fingerprint(config: Config, inputs: list[Path], tokenizer_fp: str, 
         "fields": [config.instruction_field, config.context_field, config.response_field,
                    config.references_field, config.source_field],
         "limit": config.limit,
+        **({"select": {k: sorted(v) for k, v in config.select.items()}} if config.select else {}),
     })
 
 
@@ -156,6 +162,9 @@ def examples(config: Config, inputs: list[Path], template: Template, counts, ski
     )
     for path in inputs:
         for record in read_records(path, config.max_record_bytes):
+            if config.select and isinstance(record, dict) and not selected(record, config.select):
+                counts["not_selected"] += 1
+                continue
             row = record if isinstance(record, str) else example_from_record(
                 record, fields, template, config.max_length, path.stem, config.truncation, config.max_record_bytes
             )
@@ -171,9 +180,15 @@ def examples(config: Config, inputs: list[Path], template: Template, counts, ski
                 return
     if not counts["rows"]:
         raise MoekdError(
-            f"no usable records in {', '.join(config.inputs)} (skipped: {describe(skipped)}); check the "
-            f"field names ({fields.instruction}, {fields.response}) and the files"
+            f"no usable records in {', '.join(config.inputs)} (skipped: {describe(skipped)}; not selected: "
+            f"{counts['not_selected']}); check the field names ({fields.instruction}, {fields.response}), "
+            "`select` and the files"
         )
+
+
+def selected(record: dict, select: dict[str, list[str]]) -> bool:
+    """Whether every field named in `select` holds one of its values."""
+    return all(record.get(field) in values for field, values in select.items())
 
 
 def describe(counts: dict) -> str:

@@ -254,7 +254,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path, tokenizer_dir, records, c
 
 def test_nothing_valid_is_a_clear_error(tmp_path, tokenizer_dir):
     path = fixtures.write_jsonl(tmp_path / "wrong.jsonl", [{"question": "q", "answer": "a"}] * 3)
-    with pytest.raises(MoekdError, match=r"no usable records in .*wrong.jsonl \(skipped: missing_field=3\)"):
+    with pytest.raises(MoekdError, match=r"no usable records in .*wrong.jsonl \(skipped: missing_field=3; not selected: 0\)"):
         prepare([path], tmp_path / "out", tokenizer_dir)
     assert not (tmp_path / "out" / "meta.json").exists()
     assert not (tmp_path / "out" / "data.parquet").exists()
