@@ -16,6 +16,9 @@ function takes a loaded model in eval mode and runs without gradients.
   by default; sampling uses temperature then nucleus (top-p) filtering with one
   generator per prompt. Decoding stops at the tokenizer's eos, the model's
   generation-config eos ids and the chat template's end-of-turn token.
+- Exact match: 1 when the generation equals a reference once both are
+  lower-cased, their whitespace collapsed and trailing full stops dropped;
+  the share of such examples is the accuracy on short-answer tasks.
 - ROUGE-L: `rouge_score`'s RougeScorer(["rougeL"], use_stemmer=True), the
   F-measure, maximised over the references, as the paper's benchmark suite
   (Dolly, Self-Instruct, Vicuna, S-NI, UnNI; the MiniLLM protocol) scores
@@ -115,16 +118,17 @@ def example_losses(
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Metrics of per-example rows ({"nll", "tokens"}, optionally "rougeL").
+    """Metrics of per-example rows ({"nll", "tokens"}, optionally "rougeL" and "exact").
 
-    loss: token-weighted mean cross-entropy; ppl: exp(loss); rougeL: the mean
-    of the rows' values.
+    loss: token-weighted mean cross-entropy; ppl: exp(loss); rougeL and exact:
+    the mean of the rows' values.
     """
     tokens = sum(r["tokens"] for r in rows)
     loss = sum(r["nll"] for r in rows) / tokens if tokens else math.nan
     summary = {"examples": len(rows), "tokens": tokens, "loss": loss, "ppl": math.exp(min(loss, 700.0))}
-    if rows and "rougeL" in rows[0]:
-        summary["rougeL"] = sum(r["rougeL"] for r in rows) / len(rows)
+    for key in ("rougeL", "exact"):
+        if rows and key in rows[0]:
+            summary[key] = sum(r[key] for r in rows) / len(rows)
     return summary
 
 
@@ -290,7 +294,17 @@ def generate(
     return texts
 
 
-# ---------------------------------------------------------------- ROUGE-L
+# ---------------------------------------------------------------- ROUGE-L and exact match
+
+def normalized_answer(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip(".").strip()
+
+
+def exact_match(prediction: str, references: list[str]) -> float:
+    """1.0 when `prediction` equals one of `references` up to case, spacing and a trailing full stop."""
+    answer = normalized_answer(prediction)
+    return float(any(answer == normalized_answer(reference) for reference in references))
+
 
 def rouge_l(prediction: str, references: list[str]) -> float:
     """ROUGE-L F-measure in [0, 1] of `prediction`, the best over `references` (0 without any)."""

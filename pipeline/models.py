@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from pipeline.config import config_hash
 from pipeline.errors import MoekdError, first_line
-from pipeline.files import atomic_directory, atomic_write_json
+from pipeline.files import atomic_directory, atomic_write_json, read_json
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -239,6 +239,31 @@ def weights_fingerprint(directory: str | Path, full_hash_below: int = FULL_HASH_
     if not files:
         raise MoekdError(f"{directory} holds no *.safetensors or *.bin weight files")
     return config_hash([file_fingerprint(path, full_hash_below) for path in files])
+
+
+def built_model(output: Path, report: str, identity: dict, overwrite: bool) -> bool:
+    """Whether `output` already holds the model `identity` describes (its `report` JSON says so), so a stage
+    that builds models reuses it; False when it is to be built (absent, or another model with `overwrite`).
+    Another model there without `overwrite` is refused."""
+    output = Path(output)
+    if not output.exists():
+        return False
+    existing = read_json(output / report, "build report").get("identity") if (output / report).is_file() else None
+    if existing == identity:
+        return True
+    if not overwrite:
+        raise MoekdError(f"{output} already holds another model (or no {report}); use --overwrite or another output")
+    return False
+
+
+def content(identity: dict) -> dict:
+    """A model identity without where the model lies: what it is, so a moved model is the same model."""
+    return {k: v for k, v in identity.items() if k not in ("path", "name")}
+
+
+def content_identity(path: str | Path, model_or_config) -> dict:
+    """`model_identity` by content only (`content`)."""
+    return content(model_identity(path, model_or_config))
 
 
 def model_identity(path: str | Path, model_or_config) -> dict:

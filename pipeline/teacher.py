@@ -36,7 +36,7 @@ from pipeline.data import PreparedData
 from pipeline.errors import MoekdError
 from pipeline.logprobs import target_logprobs, vocab_size
 from pipeline.config import config_hash
-from pipeline.models import load_model, load_tokenizer, model_identity, tokenizer_fingerprint
+from pipeline.models import content_identity, load_model, load_tokenizer, tokenizer_fingerprint
 from pipeline.reader import CacheShards, PreparedShards
 from pipeline.storage import open_store
 from pipeline.routing import RoutingConfig, RoutingHooks
@@ -59,11 +59,6 @@ def check_tokenizer(who: str, path, tokenizer, vocabulary: int | None, made_with
         if None not in (vocabulary, expected_vocabulary) and vocabulary != expected_vocabulary:
             raise MoekdError(f"{who} ({path}) has a vocabulary of {vocabulary} but {directory} has "
                              f"{expected_vocabulary}; they must match")
-
-
-def content(identity: dict) -> dict:
-    """A model identity without its path: what the model is, wherever it lies."""
-    return {k: v for k, v in identity.items() if k not in ("path", "name")}
 
 
 def cache_inputs(cache: str) -> str:
@@ -179,7 +174,7 @@ class OnlineTeacher(Labels):
         self.routing = stack.enter_context(RoutingHooks(self.model, routing))
         self.top_k, self.num_samples, self.aggregate = top_k, routing.samples, aggregate
         self.made_with[teacher] = (tokenizer_fingerprint(tokenizer), vocab_size(self.model))
-        self.inputs["teacher"] = content(model_identity(teacher, self.model))
+        self.inputs["teacher"] = content_identity(teacher, self.model)
         self.description = f"online KD from {teacher} on {data} (routing={routing.mode})"
 
     def teach(self, batch: Batch) -> Batch:
@@ -199,7 +194,7 @@ class AdaptedTeacher(Labels):
         check_tokenizer("the teacher", teacher, load_tokenizer(teacher), None, self.made_with)
         self.model, self.routing, self.autocast = model, routing, autocast
         self.made_with[teacher] = (self.made_with[data][0], vocab_size(model))
-        self.inputs["teacher"] = content(model_identity(teacher, model))
+        self.inputs["teacher"] = content_identity(teacher, model)
         self.description = f"SAR with {teacher} on {data}"
 
     def teach(self, batch: Batch) -> Batch:

@@ -68,11 +68,11 @@ from pipeline.files import (
 from pipeline.logprobs import target_hidden, vocab_logprobs, vocab_size
 from pipeline.losses import LossConfig, distillation_loss
 from pipeline.models import (
-    load_config, load_model, load_tokenizer, model_identity, pad_token_id, resolve_device, save_model,
+    content_identity, load_config, load_model, load_tokenizer, pad_token_id, resolve_device, save_model,
 )
 from pipeline.reader import Reader
 from pipeline.seeding import derive_seed, rng_state, seed_everything, set_rng_state
-from pipeline.teacher import MadeWith, cache_inputs, cache_made_with, check_tokenizer, content
+from pipeline.teacher import MadeWith, cache_inputs, cache_made_with, check_tokenizer
 
 TRAINER_STATE = "trainer.pt"
 CHECKPOINT_NAME = re.compile(r"step-(\d{8})")
@@ -789,7 +789,7 @@ class Run:
         """What the run learns from, by content: the teacher's inputs, the starting student, held-out data."""
         config = self.config
         inputs = dict(teacher.inputs)
-        inputs["student"] = content(model_identity(config.student, load_config(config.student)))
+        inputs["student"] = content_identity(config.student, load_config(config.student))
         if config.eval_data:
             inputs["eval_data"] = PreparedData(config.eval_data).fingerprint
         if config.eval_cache:

@@ -1,11 +1,13 @@
-"""Compare models side by side: response loss and perplexity, KL to a teacher cache, ROUGE-L of generations.
+"""Compare models side by side: response loss and perplexity, KL to a teacher cache, exact match and ROUGE-L.
 
 For every model (teacher, students: any causal LMs sharing the prepared
 data's tokenizer) and every prepared split, per source (task / data set) and
 overall:
 - loss / ppl: mean cross-entropy over response tokens, and its exp;
-- rougeL: ROUGE-L F-measure x100 of the generated response (greedy unless
-  do_sample) against the references, the best reference per example;
+- exact: the share (%) of generated responses (greedy unless do_sample)
+  equal to a reference up to case, spacing and a trailing full stop;
+- rougeL: ROUGE-L F-measure x100 of the generated response against the
+  references, the best reference per example;
 and, with `cache`, the mean sparse KL(teacher ‖ model) over the cached tokens
 (averaged over the M cached KA samples).
 
@@ -27,17 +29,18 @@ from pipeline.cache_format import Manifest
 from pipeline.config import config_hash, to_dict
 from pipeline.data import PreparedData
 from pipeline.evaluation import (
-    cache_kl, example_losses, generate, rouge_l, select_examples, summarize, summarize_by_source,
+    cache_kl, exact_match, example_losses, generate, rouge_l, select_examples, summarize, summarize_by_source,
 )
 from pipeline.files import atomic_write_bytes, atomic_write_json, read_json, remove_stale_temporaries
 from pipeline.models import (
-    honours_remote_code, load_config, load_model, load_tokenizer, model_identity, pad_token_id, resolve_device,
-    resolve_dtype,
+    content, honours_remote_code, load_config, load_model, load_tokenizer, model_identity, pad_token_id,
+    resolve_device, resolve_dtype,
 )
 from pipeline.teacher import cache_made_with, check_tokenizer
 
-VERSION = 2  # of what is computed; a change makes earlier stored results stale
+VERSION = 3  # of what is computed; a change makes earlier stored results stale
 METRICS = (  # (key, table title, format), in the order results.md shows them
+    ("exact", "Exact match (% of examples, higher is better)", "{:.1f}"),
     ("rougeL", "ROUGE-L (F-measure x100, higher is better)", "{:.2f}"),
     ("ppl", "Perplexity on response tokens (lower is better)", "{:.3f}"),
     ("loss", "Cross-entropy on response tokens, nats (lower is better)", "{:.4f}"),
@@ -156,7 +159,7 @@ def eval_settings(config: Config, dtype: str) -> dict:
 def evaluate_model(name, path, tokenizer, splits, cache_key, cache_data, config, settings, device, dtype):
     """(results.json entry, example rows per split) of one model, reusing stored results where they match."""
     identity = model_identity(path, load_config(path))
-    weights = {k: v for k, v in identity.items() if k not in ("path", "name")}  # moving a model keeps its results
+    weights = content(identity)  # moving a model keeps its results
     model = functools.cache(lambda: load_model(path, dtype=dtype, device=device))  # only if something is computed
     store = Path(config.output) / "computed"
     pad_id = pad_token_id(tokenizer)
@@ -230,7 +233,8 @@ def evaluate_split(model, tokenizer, data: PreparedData, settings: dict, pad_id:
                                **generation)
         for row, example, prompt, prediction in zip(rows, examples, prompts, predictions):
             row |= {"prompt": tokenizer.decode(prompt), "prediction": prediction, "references": example.references,
-                    "rougeL": 100 * rouge_l(prediction, example.references)}
+                    "rougeL": 100 * rouge_l(prediction, example.references),
+                    "exact": 100 * exact_match(prediction, example.references)}
     return rows
 
 

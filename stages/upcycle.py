@@ -19,8 +19,8 @@ import torch
 from pipeline.config import config_hash, to_dict
 from pipeline.data import calibration_ids
 from pipeline.errors import MoekdError
-from pipeline.files import read_json, sha256_file
-from pipeline.models import honours_remote_code, load_model, load_tokenizer, model_identity, save_model
+from pipeline.files import sha256_file
+from pipeline.models import built_model, honours_remote_code, load_model, load_tokenizer, model_identity, save_model
 from pipeline.upcycle import Layout, upcycle
 
 REPORT = "upcycle.json"
@@ -51,15 +51,9 @@ def run(config: Config) -> None:
     dense = load_model(config.source, dtype="float32", device="cpu")
     identity = build_identity(config, dense)
     output = Path(config.output)
-    if output.exists():
-        existing = read_json(output / REPORT, "upcycle report").get("identity") if (output / REPORT).is_file() else None
-        if existing == identity:
-            print(f"upcycle: {output} already holds this teacher; nothing to do")
-            return
-        if not config.overwrite:
-            raise MoekdError(
-                f"{output} already holds a different teacher (or no {REPORT}); use --overwrite or another output"
-            )
+    if built_model(output, REPORT, identity, config.overwrite):
+        print(f"upcycle: {output} already holds this teacher; nothing to do")
+        return
     started = time.time()
     tokenizer = load_tokenizer(config.source)
     calibration = calibration_ids(Path(config.calibration), tokenizer, config.calibration_tokens,

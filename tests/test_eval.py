@@ -21,7 +21,7 @@ from pipeline.cli import main
 from pipeline.data import PreparedData, target_positions
 from pipeline.errors import MoekdError
 from pipeline.evaluation import (
-    cache_kl, example_losses, generate, generate_ids, response_loss, rouge_l, select_examples, stop_token_ids,
+    cache_kl, exact_match, example_losses, generate, generate_ids, response_loss, rouge_l, select_examples, stop_token_ids,
 )
 from pipeline.losses import LossConfig, sparse_divergence
 from pipeline.models import load_model, load_tokenizer
@@ -304,8 +304,10 @@ def test_cli_compares_models_per_source_and_reuses_results(
             assert len(rows) == model["splits"][split]["overall"]["examples"]
             for row in rows:
                 assert row["rougeL"] == pytest.approx(100 * rouge_l(row["prediction"], row["references"]))
-            mean = sum(r["rougeL"] for r in rows) / len(rows)
-            assert model["splits"][split]["overall"]["rougeL"] == pytest.approx(mean)
+                assert row["exact"] == 100 * exact_match(row["prediction"], row["references"])
+            for key in ("rougeL", "exact"):
+                mean = sum(r[key] for r in rows) / len(rows)
+                assert model["splits"][split]["overall"][key] == pytest.approx(mean)
         assert model["overall"]["examples"] == 18
     assert teacher["kl"]["kl"] < 1e-2 < 1 < student["kl"]["kl"]
     # The cache's split (test) has per-example KL, and its cross-entropy comes from the KL pass: the same
@@ -318,7 +320,7 @@ def test_cli_compares_models_per_source_and_reuses_results(
     assert not any("kl_sum" in json.loads(line) for line in (out / "predictions" / "student" / "extra.jsonl").open())
 
     header = "| split | source | examples | teacher | student |"
-    assert markdown.count(header) == 3  # ROUGE-L, perplexity, loss
+    assert markdown.count(header) == 4  # exact match, ROUGE-L, perplexity, loss
     rouge = table_rows(markdown, "ROUGE-L")
     loss = table_rows(markdown, "Cross-entropy")
     rows = [(split, source) for split, sources in expected_sources.items() for source in sources + ["**all**"]]
@@ -381,3 +383,10 @@ def test_config_mistakes_are_named(tmp_path, test_split, student_dir, capsys, ov
     args = ["eval", f"models={{s: {student_dir}}}", f"data=[{test_split.directory}]", f"output={tmp_path}"]
     assert main(args + override.split()) == 2
     assert message in capsys.readouterr().err
+
+
+def test_exact_match_ignores_case_spacing_and_a_final_full_stop():
+    assert exact_match("  Washington,  D.C.", ["washington, d.c."]) == 1.0
+    assert exact_match("Paris", ["Lyon", "paris"]) == 1.0
+    assert exact_match("Paris is the capital", ["Paris"]) == 0.0
+    assert exact_match("", ["x"]) == 0.0 and exact_match("x", []) == 0.0

@@ -315,10 +315,10 @@ def test_upcycle_stage_refuses_a_different_build_without_overwrite(tmp_path, den
     before = snapshot(output)
 
     changed = stage_config(dense_dir, instructions_jsonl, output, layout=Layout(num_experts=4, top_k=1, shared_size=32))
-    with pytest.raises(MoekdError, match="already holds a different teacher.*--overwrite"):
+    with pytest.raises(MoekdError, match="already holds another model.*--overwrite"):
         upcycle_stage.run(changed)
     other_data = fixtures.write_jsonl(tmp_path / "other.jsonl", fixtures.instruction_records(64, seed=1))
-    with pytest.raises(MoekdError, match="already holds a different teacher"):
+    with pytest.raises(MoekdError, match="already holds another model"):
         upcycle_stage.run(stage_config(dense_dir, other_data, output))
     # Even with overwrite, a build that fails leaves the old teacher in place.
     with pytest.raises(MoekdError, match="top_k 5 must be in"):
@@ -339,7 +339,7 @@ def test_upcycle_stage_refuses_a_directory_that_is_not_a_teacher(tmp_path, dense
     output = tmp_path / "teacher"
     output.mkdir()
     (output / "notes.txt").write_text("mine")
-    with pytest.raises(MoekdError, match=r"already holds a different teacher \(or no upcycle.json\)"):
+    with pytest.raises(MoekdError, match=r"already holds another model \(or no upcycle.json\)"):
         upcycle_stage.run(stage_config(dense_dir, instructions_jsonl, output))
     assert (output / "notes.txt").read_text() == "mine"
 
