@@ -20,6 +20,7 @@ from pipeline.errors import MoekdError
 STAGES = {
     "fetch": "stages.fetch",
     "upcycle": "stages.upcycle",
+    "mix": "stages.mix",
     "student": "stages.student",
     "prepare": "stages.prepare",
     "cache": "stages.cache",
@@ -28,6 +29,7 @@ STAGES = {
     "train": "stages.train",
     "eval": "stages.eval",
     "sar": "stages.sar",
+    "diagnose": "stages.diagnose",
 }
 
 

@@ -306,6 +306,13 @@ def example_from_record(
 def calibration_ids(path: Path, tokenizer, tokens: int, sequence_length: int) -> torch.Tensor:
     """(B, sequence_length) token ids: instruction records of `path` in file order, chat-formatted and
     packed end to end, at most `tokens` in all (what upcycling and width pruning measure activations on)."""
+    return labelled_calibration_ids(path, tokenizer, tokens, sequence_length)[0]
+
+
+def labelled_calibration_ids(path: Path, tokenizer, tokens: int, sequence_length: int,
+                             label_field: str | None = None) -> tuple[torch.Tensor, list]:
+    """`calibration_ids`, and each token's label: the value of its record's `label_field` (None without one),
+    a list of B * sequence_length in the ids' order (what a router fitted per domain learns from)."""
     if tokens < sequence_length:
         raise MoekdError(f"calibration_tokens {tokens} is less than sequence_length {sequence_length}: "
                          "not even one calibration sequence")
@@ -314,17 +321,23 @@ def calibration_ids(path: Path, tokenizer, tokens: int, sequence_length: int) ->
     template = Template(tokenizer, "chat")
     fields = RecordFields("instruction", "context", "response", "references", "source")
     ids: list[int] = []
+    labels: list = []
     for record in read_records(Path(path)):
         example = example_from_record(record, fields, template, 1 << 30, "") if isinstance(record, dict) else record
         if isinstance(example, dict):  # a string is the reason a record is unusable: skip it
+            label = record.get(label_field) if label_field else None
+            if label_field and not isinstance(label, str):
+                raise MoekdError(f"calibration data {path}: a record has no text field {label_field!r}")
             ids += example["input_ids"]
+            labels += [label] * len(example["input_ids"])
         if len(ids) >= tokens:
             break
     rows = min(len(ids), tokens) // sequence_length
     if rows < 1:
         raise MoekdError(f"calibration data {path} holds {len(ids)} tokens, fewer than one sequence of "
                          f"{sequence_length}")
-    return torch.tensor(ids[: rows * sequence_length]).view(rows, sequence_length)
+    kept = rows * sequence_length
+    return torch.tensor(ids[:kept]).view(rows, sequence_length), labels[:kept]
 
 
 def write_prepared_data(path: Path, rows: Iterable[dict]) -> None:

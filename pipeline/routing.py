@@ -396,9 +396,10 @@ def selection_bias(router: Router, inputs: tuple) -> torch.Tensor | None:
     return None if bias is None else router.attribute(bias).squeeze()
 
 
-def top_experts(router: Router, logits: torch.Tensor, k: int, bias: torch.Tensor | None) -> torch.Tensor:
+def top_experts(router: Router, logits: torch.Tensor, k: int, bias: torch.Tensor | None,
+                excluded: int | None = None) -> torch.Tensor:
     """The `k` best experts per token by the family's selection score: its score plus `bias`
-    (`selection_bias`).
+    (`selection_bias`), never the `excluded` expert.
 
     Expert groups are not applied: a group limit is defined for the family's own k only.
     """
@@ -406,6 +407,8 @@ def top_experts(router: Router, logits: torch.Tensor, k: int, bias: torch.Tensor
     scores = logits if rule.over == "chosen" or rule.select_by == "logits" else expert_scores(rule, logits)
     if bias is not None:
         scores = scores + bias
+    if excluded is not None:
+        scores = scores.index_fill(-1, torch.tensor([excluded], device=scores.device), float("-inf"))
     return scores.topk(k, dim=-1).indices
 
 
@@ -488,10 +491,16 @@ class RoutingHooks:
     In ka mode each forward must run inside `sequences(...)`, which fixes the
     per-token randomness of that batch. Set `record_logits` to keep each MoE
     layer's router logits (with grad) of the last forward in `router_logits`.
+    `drop` (topk mode) leaves one expert out of every token's choice, its
+    place taken by the next best: the expert-drop diagnostic. Like KA's
+    re-choices it ranks every expert, without the expert groups of the
+    families that limit the top-k to a few groups (DeepSeek-V3's).
     """
 
-    def __init__(self, model, config: RoutingConfig):
-        self.config = config
+    def __init__(self, model, config: RoutingConfig, drop: int | None = None):
+        if drop is not None and config.mode != "topk":
+            raise ValueError(f"drop leaves an expert out of the model's own top-k routing; mode is {config.mode!r}")
+        self.config, self.drop = config, drop
         try:
             self.routers = find_routers(model)
         except MoekdError:
@@ -499,6 +508,8 @@ class RoutingHooks:
                 raise
             self.routers = []  # topk is the model's own routing: plain top-k caching of a dense teacher
         for router in self.routers:
+            if drop is not None and not 0 <= drop < router.num_experts:
+                raise MoekdError(f"drop={drop} is not an expert of {router.name} (0..{router.num_experts - 1})")
             if config.k_s is not None and config.k_s > router.num_experts:
                 raise MoekdError(
                     f"routing.k_s={config.k_s} exceeds the {router.num_experts} experts of {router.name}"
@@ -614,6 +625,9 @@ class RoutingHooks:
         elif mode == "top_p":
             indices, keep = top_p_experts(logits, self.config.top_p)
             weights = family_weights(router, logits, indices, keep, shared)
+        elif self.drop is not None:
+            indices = top_experts(router, logits, router.top_k, self.selection_biases[layer], self.drop)
+            weights = family_weights(router, logits, indices, shared_logits=shared)
         if layer in self._seen:  # a new forward starts (routers may run in another order than found)
             self._seen.clear()
             self.router_logits = [None] * len(self.routers)
@@ -644,6 +658,11 @@ class RoutingHooks:
         sampled_shared = None if shared is None else shared[rows]
         weights = weights.index_put((rows,), family_weights(router, logits[rows], picked, shared_logits=sampled_shared))
         return weights, indices
+
+    @property
+    def chosen(self) -> list[torch.Tensor | None]:
+        """Per MoE layer, the experts (N, w) the last forward chose for each of its B*L tokens."""
+        return self._chosen
 
     def expert_load(self) -> torch.Tensor:
         """(layers, E): fraction of the last forward's tokens routed to each expert.

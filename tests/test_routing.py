@@ -335,6 +335,33 @@ def test_expert_load_counts_real_tokens_only(moe_dir, encode, texts):
     assert not real.all()  # the batch really has padding
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_drop_leaves_one_expert_out_and_the_next_best_takes_its_place(moe_dir, encode, texts, family):
+    model = load(moe_dir, family)
+    ids, mask = encode(texts[:4])
+    with torch.no_grad(), RoutingHooks(model, RoutingConfig()) as own:
+        own.record_logits = True
+        with own.sequences([0, 1, 2, 3], 0, mask):
+            reference = model(input_ids=ids, attention_mask=mask).logits
+        chosen = [c.clone() for c in own.chosen]
+    with torch.no_grad(), RoutingHooks(model, RoutingConfig(), drop=1) as dropped:
+        with dropped.sequences([0, 1, 2, 3], 0, mask):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        loads = dropped.expert_load()
+    assert (loads[:, 1] == 0).all() and torch.allclose(loads.sum(-1), torch.full((len(loads),), float(TOP_K)))
+    assert not torch.allclose(logits, reference)
+    # Tokens that never chose expert 1 keep their routing, so the first layer's choice changes only where it did
+    # (DeepSeek-V3's expert groups are not applied to a re-choice, as for KA's: every token may change there).
+    first = chosen[0]
+    untouched = ~(first == 1).any(-1)
+    same = dropped.chosen[0][untouched].sort(-1).values == first[untouched].sort(-1).values
+    assert untouched.any() and (same.all() or family == "deepseek_v3")
+    with pytest.raises(ValueError, match="drop leaves an expert out"):
+        RoutingHooks(model, RoutingConfig(mode="all"), drop=1)
+    with pytest.raises(MoekdError, match="drop=9 is not an expert"):
+        RoutingHooks(model, RoutingConfig(), drop=9)
+
+
 def test_load_balancing_loss_by_hand():
     layer_0 = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 3.0], [5.0, 5.0, 5.0]])
     layer_1 = torch.tensor([[0.0, 0.5, 0.2], [1.0, -2.0, 0.0], [0.1, 0.0, 0.3]])
