@@ -1,4 +1,4 @@
-"""The quality study: the paper's comparison of distillation methods, with seeds, spread and paired CIs.
+"""The quality study: the paper's comparison of distillation methods, with seeds, calibrated intervals and power.
 
     python bench/quality.py --config configs/study/cpu.yaml [key=value ...]
 
@@ -11,23 +11,28 @@ sets the data order and the training draws):
 - `ka`: Knowledge Augmentation, M routing samples (`ka`: samples, lam, k_s;
   k_s null means E − 1, the paper's setting);
 - `all`: every expert active; `top_p`: top-p routing (`top_p`);
-- `sar`: the Student-Aware Router (`moekd sar`, online; `sar` overrides, e.g.
-  a reduced step budget on CPU);
-- `variants`: more methods by name, each a cache made with its own routing and
-  settings (e.g. another k, or `storage: sampled`) or the teacher in the loop
-  (`online`, e.g. top_k = the vocabulary: full-distribution KD); the report
-  adds each cache's bytes per position.
+- `sar`: the Student-Aware Router (`moekd sar`, online; `sar` overrides);
+- `variants`: more methods by name, each a cache made with its own routing,
+  settings or teacher (e.g. KA with another M, the parent dense model as the
+  teacher, `storage: sampled`) or the teacher in the loop (`online`).
 
-Cached methods share one cache each (the student's seed does not change the
-teacher). Then `moekd eval` scores every model, the teacher and the untrained
-student on the held-out split (cross-entropy, KL(teacher ‖ model) on a
-held-out cache of the teacher's own routing: over its top-k and the tail as one
-outcome, or over the whole vocabulary with `heldout_top_k` set to its size;
-ROUGE-L of greedy generations),
-and the study reports per method the mean and standard deviation over seeds
-and, against `baseline`, the paired difference with a 95% bootstrap CI over
-held-out examples and seeds (`pipeline.statistics`): `study.md`, `study.json`
-and `study.png` (learning curves and the final comparison) in `output`.
+`before` runs `moekd` commands first (each reuses what it finished), e.g.
+building a variant's teacher. Cached methods share one cache each (the
+student's seed does not change the teacher). Then `moekd eval` scores every
+model, the teacher and the untrained student on the held-out split:
+cross-entropy, exact match and ROUGE-L of greedy generations, and
+KL(teacher ‖ model) on a held-out cache of the teacher's own routing (over the
+whole vocabulary with `heldout_top_k` set to its size). Every metric is
+macro-averaged over the held-out tasks (each task weighs the same).
+
+Per method the report gives the mean and standard deviation over seeds; against
+`baseline`, the paired difference with two t intervals (`pipeline.statistics`):
+over seeds and tasks as random (a claim about unseen tasks like these) and
+over seeds alone (about these tasks), each with its minimum detectable effect
+at `power`; and the share of the SFT → teacher gap each method closes, with
+its interval. With periodic held-out evaluation in the training runs
+(`train.eval_every`) it also plots how that share moves with steps:
+`study.md`, `study.json` and `study.png` in `output`.
 
 Every step goes through the `moekd` command line and reuses what is already
 done (caches, finished runs, stored evaluations), so an interrupted study
@@ -53,31 +58,33 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.errors import MoekdError  # noqa: E402
 from pipeline.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from pipeline.routing import RoutingConfig  # noqa: E402
-from pipeline.statistics import Measured, paired_difference, spread  # noqa: E402
+from pipeline.statistics import Comparison, Measured, compare, macro  # noqa: E402
 
 CACHED = ("kd", "ka", "all", "top_p")
 METHODS = ("sft", *CACHED, "sar")
-METRICS = (  # (key in the predictions, numerator, denominator, title, lower is better)
+METRICS = (  # (key, numerator in the predictions, denominator (None: 1), title, lower is better)
     ("ce", "nll", "tokens", "held-out cross-entropy (nats)", True),
-    ("kl", "kl_sum", "kl_tokens", "KL(teacher ‖ student) (nats)", True),
+    ("exact", "exact", None, "exact match (%)", False),
     ("rougeL", "rougeL", None, "ROUGE-L ×100", False),
+    ("kl", "kl_sum", "kl_tokens", "KL(teacher ‖ student) (nats)", True),
 )
 
 
 @dataclass
 class KaRouting(RoutingConfig):
-    """The ka method's routing: the paper's M = 4, λ = 0.05; k_s null means E − 1."""
+    """The ka method's routing: the paper's best M = 2, λ = 0.05; k_s null means E − 1."""
 
     mode: Literal["ka"] = "ka"
-    samples: int = 4
+    samples: int = 2
 
 
 @dataclass
 class Variant:
-    """A method beyond the named ones: a cache made with its own settings, or the teacher in the loop."""
+    """A method beyond the named ones: a cache made with its own settings or teacher, or the teacher in the loop."""
 
     routing: dict[str, Any] = field(default_factory=lambda: {"mode": "topk"})  # the cache's routing
     cache: dict[str, Any] = field(default_factory=dict)  # the cache's settings, on top of the study's `cache`
+    teacher: str | None = None  # the cache's teacher (null: the study's), e.g. the parent dense model
     online: dict[str, Any] | None = None  # instead of a cache: `moekd train` with teacher= and these settings
 
 
@@ -94,8 +101,9 @@ class Config:
     # `moekd cache` finds a cache complete, `moekd train` a run finished.
     train_config: str | None = None  # a `moekd train` YAML whose settings every run takes (paths aside)
     heldout_top_k: int | None = None  # the held-out cache's k (null: `cache`'s); the vocabulary size: exact KL
+    before: list[list[str]] = field(default_factory=list)  # `moekd` commands run first, e.g. building a teacher
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    variants: dict[str, Variant] = field(default_factory=dict)  # more methods, by name (e.g. other cache storages)
+    variants: dict[str, Variant] = field(default_factory=dict)  # more methods, by name
     baseline: str = "kd"  # the method every other is compared with
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     ka: KaRouting = field(default_factory=KaRouting)
@@ -104,7 +112,8 @@ class Config:
     sar: dict[str, Any] = field(default_factory=dict)  # `moekd sar` settings on top of `train`'s
     cache: dict[str, Any] = field(default_factory=dict)  # `moekd cache` settings shared by every cache
     eval: dict[str, Any] = field(default_factory=dict)  # `moekd eval` settings
-    replicates: int = 4000  # bootstrap replicates
+    level: float = 0.95  # the intervals' confidence level
+    power: float = 0.8  # the power at which the minimum detectable effect is given
 
     def __post_init__(self):
         unknown = sorted(set(self.methods) - set(METHODS))
@@ -115,13 +124,29 @@ class Config:
             raise ValueError(f"variant {clash[0]!r} has the name of a method; name it otherwise")
         if self.baseline not in self.compared:
             raise ValueError(f"baseline {self.baseline!r} is not among methods or variants {self.compared}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
+        if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least two (the intervals are over seeds), got {self.seeds}")
+        for command in self.before:
+            if not command or not all(isinstance(part, str) for part in command):
+                raise ValueError(f"before holds moekd commands as lists of strings, got {command!r}")
 
     @property
     def compared(self) -> list[str]:
         """Every method of the study: the named ones, then the variants."""
         return list(self.methods) + list(self.variants)
+
+    @property
+    def caches(self) -> Path:
+        return Path(self.cache_root) if self.cache_root else Path(self.output) / "cache"
+
+    @property
+    def runs(self) -> Path:
+        return Path(self.runs_root) if self.runs_root else Path(self.output) / "runs"
+
+    @property
+    def heldout_cache(self) -> Path:
+        k = self.heldout_top_k
+        return self.caches / ("heldout" if k is None else f"heldout-top{k}")
 
 
 def overrides(settings: dict[str, Any], prefix: str = "") -> list[str]:
@@ -133,12 +158,6 @@ def overrides(settings: dict[str, Any], prefix: str = "") -> list[str]:
         else:
             out.append(f"{prefix}{key}={json.dumps(value)}")
     return out
-
-
-def run_stage(*args: str) -> None:
-    print(f"\n== moekd {' '.join(args)}", flush=True)
-    if moekd(list(args)) != 0:
-        raise MoekdError(f"`moekd {' '.join(args)}` failed (its error is above); fix it and re-run the study")
 
 
 def routing(config: Config, method: str, num_experts: int) -> dict:
@@ -166,51 +185,80 @@ def run_settings(config: Config) -> list[str]:
     return overrides(settings) + overrides(config.train)
 
 
-def run_study(config: Config) -> dict:
-    """Caches, training runs, evaluation, then the report; each reused when already done."""
-    out = Path(config.output)
-    caches = Path(config.cache_root) if config.cache_root else out / "cache"
-    runs = Path(config.runs_root) if config.runs_root else out / "runs"
-    experts = num_experts(config.teacher)
-    k = config.heldout_top_k
-    heldout_cache = caches / ("heldout" if k is None else f"heldout-top{k}")
-    run_stage("cache", str(heldout_cache), "--teacher", config.teacher, "--data", config.heldout_data,
-              *overrides({"routing": {"mode": "topk"}} | config.cache | ({} if k is None else {"top_k": k})))
-    models = {"teacher": config.teacher, "start": config.student}
+@dataclass
+class Step:
+    """One `moekd` command of the study."""
+
+    stage: str
+    args: list[str]
+    what: str
+
+
+def models(config: Config) -> dict[str, str]:
+    """Every model the evaluation scores, by display name: the teacher, the untrained student, each run."""
+    return {"teacher": config.teacher, "start": config.student} | {
+        f"{method}-seed{seed}": str(config.runs / f"{method}-seed{seed}" / "final")
+        for method in config.compared for seed in config.seeds}
+
+
+def plan(config: Config, experts: int) -> list[Step]:
+    """Every `moekd` command of the study, in order (`experts`: the teacher's, for ka's k_s = E − 1)."""
+    steps = [Step(command[0], command[1:], f"before[{i}]") for i, command in enumerate(config.before)]
+    heldout = {"routing": {"mode": "topk"}} | config.cache
+    if config.heldout_top_k is not None:
+        heldout["top_k"] = config.heldout_top_k
+    steps.append(Step("cache", [str(config.heldout_cache), "--teacher", config.teacher, "--data", config.heldout_data,
+                                *overrides(heldout)], "the held-out cache"))
     for method in config.compared:
         variant = config.variants.get(method)
         cached = method in CACHED or (variant is not None and variant.online is None)
         if cached:
             settings = config.cache | variant.cache if variant else config.cache
             route = variant.routing if variant else routing(config, method, experts)
-            run_stage("cache", str(caches / method), "--teacher", config.teacher, "--data", config.train_data,
-                      *overrides({"routing": route} | settings))
+            teacher = variant.teacher if variant and variant.teacher else config.teacher
+            steps.append(Step("cache", [str(config.caches / method), "--teacher", teacher, "--data", config.train_data,
+                                        *overrides({"routing": route} | settings)], f"method {method}'s cache"))
         for seed in config.seeds:
-            run = runs / f"{method}-seed{seed}"
+            run = str(config.runs / f"{method}-seed{seed}")
             common = ["--student", config.student, *run_settings(config), f"seed={seed}"]
             if variant is not None and variant.online is not None:
-                run_stage("train", str(run), "--data", config.train_data, "--teacher", config.teacher, *common,
-                          *overrides(variant.online))
+                stage, args = "train", [run, "--data", config.train_data, "--teacher", config.teacher, *common,
+                                        *overrides(variant.online)]
             elif method == "sar":
-                run_stage("sar", str(run), "--teacher", config.teacher, "--data", config.train_data,
-                          *common, *overrides(config.sar))
+                stage, args = "sar", [run, "--teacher", config.teacher, "--data", config.train_data, *common,
+                                      *overrides(config.sar)]
             elif method == "sft":
-                run_stage("train", str(run), "--data", config.train_data, *common, "loss.alpha=0")
+                stage, args = "train", [run, "--data", config.train_data, *common, "loss.alpha=0"]
             else:
-                run_stage("train", str(run), "--cache", str(caches / method), *common)
-            models[f"{method}-seed{seed}"] = str(run / "final")
-    sizes = {method: cache_size(caches / method) for method in config.compared if (caches / method).is_dir()}
-    evaluation = out / "eval"
-    run_stage("eval", "--output", str(evaluation), "--cache", str(heldout_cache),
-              "data=" + json.dumps([config.heldout_data]), "models=" + json.dumps(models), *overrides(config.eval))
+                stage, args = "train", [run, "--cache", str(config.caches / method), *common]
+            steps.append(Step(stage, args, f"method {method}, seed {seed}"))
+    steps.append(Step("eval", ["--output", str(Path(config.output) / "eval"), "--cache", str(config.heldout_cache),
+                               "data=" + json.dumps([config.heldout_data]), "models=" + json.dumps(models(config)),
+                               *overrides(config.eval)], "the evaluation"))
+    return steps
+
+
+def run_stage(step: Step) -> None:
+    print(f"\n== moekd {step.stage} {' '.join(step.args)}", flush=True)
+    if moekd([step.stage, *step.args]) != 0:
+        raise MoekdError(f"{step.what}: `moekd {step.stage} {' '.join(step.args)}` failed (its error is above); "
+                         "fix it and re-run the study")
+
+
+def run_study(config: Config) -> dict:
+    """Every step of `plan` (each reused when already done), then the report."""
+    out = Path(config.output)
+    for step in plan(config, num_experts(config.teacher)):
+        run_stage(step)
     from pipeline.cache_format import Manifest
 
-    encoding = Manifest.load(heldout_cache).identity["encoding"]
+    sizes = {m: cache_size(config.caches / m) for m in config.compared if (config.caches / m).is_dir()}
+    encoding = Manifest.load(config.heldout_cache).identity["encoding"]
     kl_over = ("the whole vocabulary" if encoding["k"] == encoding["vocab_size"]
                else f"the teacher's top-{encoding['k']} and the rest as one outcome")
-    report = summarize(config, evaluation, runs) | {"cache_bytes_per_token": sizes, "kl_over": kl_over}
+    report = summarize(config, out / "eval") | {"cache_bytes_per_token": sizes, "kl_over": kl_over}
     write_report(out, report)
-    plot(config, out, report)
+    plot(out, report)
     return report
 
 
@@ -229,29 +277,53 @@ def measured(rows_per_seed: list[list[dict]], num: str, den: str | None) -> Meas
     return Measured(np.array(nums), np.array(dens))
 
 
-def summarize(config: Config, evaluation: Path, runs: Path) -> dict:
-    """Per method: mean and std over seeds; vs the baseline: paired difference and 95% CI; per metric."""
+def interval(c: Comparison) -> dict:
+    return {"difference": c.difference, "ci": [c.low, c.high], "se": c.se, "df": c.df, "mde": c.mde}
+
+
+def summarize(config: Config, evaluation: Path) -> dict:
+    """Per method and metric: the macro metric per seed, mean and std; against the baseline, the paired
+    difference with the crossed (seeds × tasks) and the per-seed interval and their minimum detectable
+    effects; the share of the SFT → teacher gap closed, with the crossed interval's bounds."""
     split = Path(config.heldout_data).name
     rows = {m: [predictions(evaluation, f"{m}-seed{s}", split) for s in config.seeds] for m in config.compared}
     references = {name: predictions(evaluation, name, split) for name in ("teacher", "start")}
-    report = {"seeds": config.seeds, "examples": len(references["teacher"]), "baseline": config.baseline,
-              "methods": {}, "references": {}}
+    tasks = [row["source"] for row in references["teacher"]]
+    for method, per_seed in rows.items():
+        if any([row["source"] for row in seed_rows] != tasks for seed_rows in per_seed):
+            raise MoekdError(f"{method}'s predictions are not of the teacher's held-out examples, in its order")
+    keys = [key for key, num, *_ in METRICS if all(num in row for row in references["teacher"])]
+    crossed = tasks if len(set(tasks)) > 1 else None  # one task (a data set without sources): seeds alone
+    report = {"seeds": config.seeds, "examples": len(tasks), "tasks": len(set(tasks)), "baseline": config.baseline,
+              "level": config.level, "power": config.power, "metrics": keys, "methods": {}, "references": {}}
     for name, ref_rows in references.items():
-        report["references"][name] = {key: measured([ref_rows], num, den).per_seed()[0].item()
-                                      for key, num, den, _, _ in METRICS}
+        report["references"][name] = {key: float(macro(metric(key, [ref_rows]), tasks)[0]) for key in keys}
     for method in config.compared:
         entry = {}
-        for key, num, den, _, _ in METRICS:
-            values = measured(rows[method], num, den)
-            mean, std = spread(values)
-            entry[key] = {"mean": mean, "std": std, "per_seed": values.per_seed().tolist()}
+        for key in keys:
+            values = metric(key, rows[method])
+            per_seed = macro(values, tasks)
+            entry[key] = {"mean": float(per_seed.mean()), "std": float(per_seed.std(ddof=1)),
+                          "per_seed": per_seed.tolist()}
             if method != config.baseline:
-                difference, low, high = paired_difference(values, measured(rows[config.baseline], num, den),
-                                                          config.replicates)
-                entry[key] |= {"vs_baseline": difference, "ci": [low, high]}
+                base = metric(key, rows[config.baseline])
+                entry[key] |= {"vs_baseline": interval(compare(values, base, crossed, config.level, config.power)),
+                               "vs_baseline_these_tasks": interval(compare(values, base, None, config.level,
+                                                                           config.power))}
+            if "sft" in rows and method != "sft":
+                versus = compare(values, metric(key, rows["sft"]), crossed, config.level, config.power)
+                gap = report["references"]["teacher"][key] - float(macro(metric(key, rows["sft"]), tasks).mean())
+                entry[key]["gap_share"] = None if gap == 0 else {  # no gap: nothing to close
+                    "share": versus.difference / gap, "ci": sorted([versus.low / gap, versus.high / gap])}
         report["methods"][method] = entry
-    report["curves"] = {m: [curve(runs / f"{m}-seed{s}") for s in config.seeds] for m in config.compared}
+    report["comparisons"] = (len(config.compared) - 1) * len(keys)
+    report["curves"] = {m: [curve(config.runs / f"{m}-seed{s}") for s in config.seeds] for m in config.compared}
     return report
+
+
+def metric(key: str, rows_per_seed: list[list[dict]]) -> Measured:
+    _, num, den, _, _ = next(m for m in METRICS if m[0] == key)
+    return measured(rows_per_seed, num, den)
 
 
 def cache_size(cache: Path) -> dict[str, float]:
@@ -275,32 +347,54 @@ def cache_size(cache: Path) -> dict[str, float]:
     return {"all": total / max(tokens, 1), "teacher": teacher / max(tokens, 1)}
 
 
-def curve(run: Path) -> list[float]:
-    """A run's training cross-entropy on the labels (metrics.jsonl "ce"), one value per step: every method
-    logs it, whatever else its loss holds."""
-    return [json.loads(line)["ce"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+def curve(run: Path) -> dict[str, list[float]]:
+    """A run's training cross-entropy on the labels per step (metrics.jsonl "ce": every method logs it), and its
+    held-out loss at each periodic evaluation ("eval_loss", with `train.eval_every`)."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [line for line in lines if line.get("eval_loss") is not None]
+    return {"ce": [line["ce"] for line in lines], "eval_step": [line["step"] for line in evaluations],
+            "eval_loss": [line["eval_loss"] for line in evaluations]}
+
+
+def cell(m: dict) -> str:
+    return f"{m['difference']:+.3f} [{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}] | {m['mde']:.3f}"
 
 
 def write_report(out: Path, report: dict) -> None:
-    base = report["baseline"]
-    lines = [f"# Quality study: {len(report['seeds'])} seeds, {report['examples']} held-out examples", "",
-             f"Mean ± standard deviation over seeds; Δ vs {base}: the paired difference (mean over seeds) "
-             "with its 95% bootstrap CI over held-out examples and seeds. KL(teacher ‖ student) over "
-             f"{report['kl_over']}.", "",
-             "| method | " + " | ".join(f"{title} | Δ vs {base} [95% CI]" for _, _, _, title, _ in METRICS) + " |",
-             "|---|" + "---:|---:|" * len(METRICS)]
-    for name, values in report["references"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{values[key]:.3f} | " for key, *_ in METRICS) + " |")
-    for method, entry in report["methods"].items():
-        cells = []
-        for key, *_ in METRICS:
+    base, level = report["baseline"], round(100 * report["level"])
+    lines = [f"# Quality study: {len(report['seeds'])} seeds, {report['examples']} held-out examples of "
+             f"{report['tasks']} unseen tasks", "",
+             f"Every metric is the mean over the held-out tasks (each task weighs the same) of the metric within the "
+             f"task; per method, the mean ± standard deviation over seeds. Δ vs {base}: the paired difference "
+             f"(by seed and example) with its {level}% t interval, first with seeds and tasks both random (a claim "
+             "about unseen tasks like these), then with seeds alone (about these tasks); MDE: the difference each "
+             f"design would detect with {round(100 * report['power'])}% power. Gap: the share of the SFT → teacher "
+             "difference the method closes, with the bounds of its seeds × tasks interval. KL(teacher ‖ student) "
+             f"over {report['kl_over']}. {report['comparisons']} comparisons against {base}, each at {level}%: "
+             f"about {report['comparisons'] * (1 - report['level']):.1f} would exclude zero by chance where no "
+             "method differs.", ""]
+    for key, _, _, title, lower in METRICS:
+        if key not in report["metrics"]:
+            continue
+        lines += [f"## {title}, {'lower' if lower else 'higher'} is better", "",
+                  f"| method | mean ± sd | Δ vs {base} [{level}% CI], seeds × tasks | MDE | Δ [{level}% CI], seeds "
+                  "| MDE | gap closed [CI] |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, values in report["references"].items():
+            lines.append(f"| {name} | {values[key]:.3f} | | | | | |")
+        for method, entry in report["methods"].items():
             m = entry[key]
-            delta = "—" if method == base else f"{m['vs_baseline']:+.3f} [{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}]"
-            cells.append(f"{m['mean']:.3f} ± {m['std']:.3f} | {delta}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            if method == base:
+                deltas = "— | | — | "
+            else:
+                deltas = f"{cell(m['vs_baseline'])} | {cell(m['vs_baseline_these_tasks'])}"
+            share = m.get("gap_share")
+            gap = "" if share is None else f"{100 * share['share']:.0f}% [{100 * share['ci'][0]:.0f}, " \
+                                           f"{100 * share['ci'][1]:.0f}]"
+            lines.append(f"| {method} | {m['mean']:.3f} ± {m['std']:.3f} | {deltas} | {gap} |")
+        lines.append("")
     sizes = report.get("cache_bytes_per_token", {})
     if sizes:
-        lines += ["", "Cache size, bytes per stored position (all M samples together): the whole cache, and its "
+        lines += ["Cache size, bytes per stored position (all M samples together): the whole cache, and its "
                   "teacher columns alone (every cache also stores each row's input_ids and positions).", "",
                   "| method | bytes / position | teacher columns |", "|---|---:|---:|"]
         lines += [f"| {m} | {v['all']:.1f} | {v['teacher']:.1f} |" for m, v in sizes.items()]
@@ -309,28 +403,40 @@ def write_report(out: Path, report: dict) -> None:
     print("\n" + "\n".join(lines))
 
 
-def plot(config: Config, out: Path, report: dict) -> None:
-    """study.png: the training curves (mean over seeds, min-max band) and the held-out comparison."""
+def plot(out: Path, report: dict) -> None:
+    """study.png: held-out cross-entropy along training (or the training curves), each metric per method, and
+    each method's difference to the baseline with both intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, grid = plt.subplots(2, 1 + len(METRICS), figsize=(5 * (1 + len(METRICS)), 8.4))
-    axes, deltas = grid[0], grid[1, 1:]
-    grid[1, 0].axis("off")
-    colors = {m: plt.cm.tab10(i) for i, m in enumerate(report["methods"])}
-    ax = axes[0]
-    window = 5  # steps per moving average: one step's batch is 8 sequences
+    keys = report["metrics"]
+    fig, grid = plt.subplots(2, 1 + len(keys), figsize=(4.6 * (1 + len(keys)), 8.4))
+    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(report["methods"])}
+    ax = grid[0, 0]
+    periodic = all(run["eval_loss"] for runs in report["curves"].values() for run in runs)
     for method, runs in report["curves"].items():
-        smooth = np.array([np.convolve(r, np.ones(window) / window, mode="valid") for r in runs])
-        steps = np.arange(window, window + smooth.shape[1])
-        ax.plot(steps, smooth.mean(0), label=method, color=colors[method])
-        ax.fill_between(steps, smooth.min(0), smooth.max(0), color=colors[method], alpha=0.2)
-    ax.set(xlabel="optimizer step", ylabel=f"training cross-entropy on the labels ({window}-step mean)",
-           title="learning curves (mean over seeds, min-max band)")
-    ax.legend(fontsize=8)
-    for ax, (key, _, _, title, lower) in zip(axes[1:], METRICS):
+        if periodic:
+            steps, values = np.array(runs[0]["eval_step"]), np.array([r["eval_loss"] for r in runs])
+        else:
+            window = 5
+            values = np.array([np.convolve(r["ce"], np.ones(window) / window, mode="valid") for r in runs])
+            steps = np.arange(window, window + values.shape[1])
+        ax.plot(steps, values.mean(0), label=method, color=colors[method])
+        ax.fill_between(steps, values.min(0), values.max(0), color=colors[method], alpha=0.15)
+    if periodic:
+        ax.set(xlabel="optimizer step", ylabel="held-out cross-entropy (nats, token-weighted, a subset)",
+               title="held-out loss along training (mean, min-max over seeds)")
+    else:
+        ax.set(xlabel="optimizer step", ylabel="training cross-entropy on the labels (5-step mean)",
+               title="learning curves (mean, min-max over seeds)")
+    ax.legend(fontsize=7)
+    grid[1, 0].axis("off")
+    base = report["baseline"]
+    for column, key in enumerate(keys, 1):
+        _, _, _, title, lower = next(m for m in METRICS if m[0] == key)
+        ax = grid[0, column]
         names = list(report["methods"])
         for x, name in enumerate(names):
             entry = report["methods"][name][key]
@@ -340,22 +446,23 @@ def plot(config: Config, out: Path, report: dict) -> None:
             ax.axhline(report["references"][ref][key], color="black", linestyle=style, label=ref)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set(title=f"{title}, {'lower' if lower else 'higher'} is better")
-        ax.legend(fontsize=8)
-    base = report["baseline"]
-    for ax, (key, _, _, title, _) in zip(deltas, METRICS):
-        names = [m for m in report["methods"] if m != base]
-        for x, name in enumerate(names):
-            entry = report["methods"][name][key]
-            low, high = entry["ci"]
-            ax.errorbar([x], [entry["vs_baseline"]], yerr=[[entry["vs_baseline"] - low], [high - entry["vs_baseline"]]],
-                        fmt="o", capsize=5, color=colors[name])
+        ax.legend(fontsize=7)
+        ax = grid[1, column]
+        others = [m for m in names if m != base]
+        for x, name in enumerate(others):
+            for shift, kind, style in ((-0.12, "vs_baseline", "o"), (0.12, "vs_baseline_these_tasks", "s")):
+                m = report["methods"][name][key][kind]
+                ax.errorbar([x + shift], [m["difference"]], yerr=[[m["difference"] - m["ci"][0]],
+                                                                  [m["ci"][1] - m["difference"]]],
+                            fmt=style, capsize=4, color=colors[name])
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set(title=f"{title}: method − {base}, 95% CI")
-    fig.suptitle(f"held-out, {report['examples']} examples; {len(config.seeds)} seeds per method: mean ± std "
-                 "(error bars) and each seed (dots)")
+        ax.set_xticks(range(len(others)), others, rotation=30, ha="right")
+        ax.set(title=f"method − {base}: seeds × tasks (o), seeds (s)")
+    fig.suptitle(f"held-out, {report['examples']} examples of {report['tasks']} unseen tasks; "
+                 f"{len(report['seeds'])} seeds per method: mean ± std (bars) and each seed (dots)")
     fig.tight_layout()
-    fig.savefig(out / "study.png", dpi=110)
+    fig.savefig(out / "study.png", dpi=100)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
