@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.errors import MoekdError
-from pipeline.upcycle import attention_half, causal_mask, check_source
+from pipeline.upcycle import attention_half, causal_mask, check_source, dense_settings
 
 FFN = (".mlp.gate_proj.", ".mlp.up_proj.", ".mlp.down_proj.")
 
@@ -53,28 +53,8 @@ def mixtral_config(dense_config, num_experts: int, top_k: int):
     """The Mixtral config matching `dense_config` (attention, norms, RoPE, vocabulary), one expert per branch."""
     from transformers import MixtralConfig
 
-    c = dense_config
-    return MixtralConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads,
-        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-        hidden_act=c.hidden_act,
-        max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps,
-        tie_word_embeddings=c.tie_word_embeddings,
-        rope_parameters=dict(c.rope_parameters),
-        attention_dropout=0.0,
-        sliding_window=None,
-        num_local_experts=num_experts,
-        num_experts_per_tok=top_k,
-        bos_token_id=c.bos_token_id,
-        eos_token_id=c.eos_token_id,
-        pad_token_id=c.pad_token_id,
-    )
+    return MixtralConfig(**dense_settings(dense_config), sliding_window=None, num_local_experts=num_experts,
+                         num_experts_per_tok=top_k)
 
 
 def mixed_state(branches: list) -> dict[str, torch.Tensor]:

@@ -96,12 +96,11 @@ def check_layout(layout: Layout, config) -> None:
         raise MoekdError(f"dense_layers has {bad[0]}, not a layer of this {config.num_hidden_layers}-layer model")
 
 
-def moe_config(dense_config, layout: Layout):
-    """The Qwen2-MoE config matching `dense_config` (attention, norms, RoPE, vocabulary) with `layout`."""
-    from transformers import Qwen2MoeConfig
-
+def dense_settings(dense_config) -> dict:
+    """What an MoE config built from `dense_config` keeps of it: vocabulary, attention, norms, RoPE, sizes,
+    special tokens (for `moe_config` here and the Mixtral of `pipeline.mixture`)."""
     c = dense_config
-    return Qwen2MoeConfig(
+    return dict(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
         intermediate_size=c.intermediate_size,
@@ -115,6 +114,19 @@ def moe_config(dense_config, layout: Layout):
         tie_word_embeddings=c.tie_word_embeddings,
         rope_parameters=dict(c.rope_parameters),
         attention_dropout=0.0,
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id,
+    )
+
+
+def moe_config(dense_config, layout: Layout):
+    """The Qwen2-MoE config matching `dense_config` (attention, norms, RoPE, vocabulary) with `layout`."""
+    from transformers import Qwen2MoeConfig
+
+    c = dense_config
+    return Qwen2MoeConfig(
+        **dense_settings(c),
         qkv_bias=c.model_type == "qwen2",  # Qwen2 has q/k/v biases, Llama and Mistral none
         use_sliding_window=False,
         num_experts=layout.num_experts,
@@ -124,9 +136,6 @@ def moe_config(dense_config, layout: Layout):
         norm_topk_prob=False,
         decoder_sparse_step=1,
         mlp_only_layers=list(layout.dense_layers),
-        bos_token_id=c.bos_token_id,
-        eos_token_id=c.eos_token_id,
-        pad_token_id=c.pad_token_id,
     )
 
 

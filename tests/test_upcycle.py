@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Mistr
 
 import fixtures
 from pipeline.data import calibration_ids
+from pipeline.files import read_json
 from pipeline.errors import MoekdError
 from pipeline.models import tokenizer_fingerprint
 from pipeline.student_init import check_layers, make_student
@@ -296,7 +297,7 @@ def test_upcycle_stage_writes_a_loadable_teacher_and_reuses_it(tmp_path, dense_d
     ids = random_ids(2, 24, seed=3)
     torch.testing.assert_close(logits(teacher, ids), logits(built, ids), rtol=1e-5, atol=1e-5)
 
-    report = upcycle_stage.read_json(output / upcycle_stage.REPORT)
+    report = read_json(output / upcycle_stage.REPORT)
     assert report["calibration_tokens"] == 1024
     assert report["expert_size"] == (INTERMEDIATE - 32) // 4
     assert report["active_fraction"] == (32 + 2 * 24) / INTERMEDIATE
@@ -328,7 +329,7 @@ def test_upcycle_stage_refuses_a_different_build_without_overwrite(tmp_path, den
     changed.overwrite = True
     upcycle_stage.run(changed)
     assert AutoModelForCausalLM.from_pretrained(output).config.num_experts_per_tok == 1
-    assert upcycle_stage.read_json(output / upcycle_stage.REPORT)["config"]["layout"]["top_k"] == 1
+    assert read_json(output / upcycle_stage.REPORT)["config"]["layout"]["top_k"] == 1
     capsys.readouterr()
     changed.overwrite = False
     upcycle_stage.run(changed)  # the rebuilt teacher is now the one asked for
@@ -459,7 +460,7 @@ def test_cli_runs_both_stages_with_nested_overrides(tmp_path, dense_dir, instruc
             "layout.num_experts=4", "layout.top_k=2", "layout.shared_size=32", "layout.dense_layers=[1]",
             "ridge=null", "--calibration-tokens", "512", "--sequence-length", "32", "--router-steps", "5"]
     assert main(args) == 0
-    config = upcycle_stage.read_json(teacher / upcycle_stage.REPORT)["config"]
+    config = read_json(teacher / upcycle_stage.REPORT)["config"]
     assert config["layout"] == {"num_experts": 4, "top_k": 2, "shared_size": 32, "dense_layers": [1]}
     assert config["ridge"] is None
     assert AutoModelForCausalLM.from_pretrained(teacher).config.mlp_only_layers == [1]
