@@ -82,22 +82,34 @@ The first record wins; a later writer of the same shard deletes its own object
 writers of that shard left. Before computing a shard a writer creates
 `claims/shard-NNNNN.json` the same way, so concurrent writers mostly take
 different shards; a claim is only a hint (a killed writer's is taken over). The committed shards are exactly the commit
-records, gathered on read; a shard object without one is not part of the
+records moekd trusts, gathered on read; a shard object without one is not part of the
 cache. `tokens` counts stored positions (sum of T). Caches of versions 1 and 2
 (one manifest listing every shard, `shards/shard-NNNNN.parquet`) are read,
 not resumed.
+
+A cache is complete when every shard its identity announces (`rows` in
+shards of `shard_size`) has a record moekd trusts: well formed, of this
+identity (its hash), naming its own file, with the rows the layout gives it.
+`Manifest.problems` / `Manifest.require` is the one place that says so, and
+every consumer asks it through `Manifest.load`. `moekd cache` resumes
+trusting no more than a reader: a shard whose record is not trusted, or whose
+file is missing or not the record's size (with `verify`, fails any check of
+`verify_cache`), is computed again and its record replaced (`Manifest.commit`
+says why a plain put is safe there, with concurrent writers and on S3).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -106,7 +118,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import MoekdError
 from pipeline.config import config_hash
-from pipeline.files import json_bytes, parse_json, writer_tag
+from pipeline.files import MAX_JSON_BYTES, json_bytes, parse_json, writer_tag
 from pipeline.storage import Store, open_store
 
 FORMAT_NAME = "moekd-teacher-cache"
@@ -118,6 +130,9 @@ MANIFEST = "manifest.json"
 SHARDS = "shards"
 COMMITS = "commits"
 CLAIMS = "claims"
+MANIFEST_BYTES = MAX_JSON_BYTES  # a version 1-2 manifest lists every shard
+RECORD_BYTES = 64 << 10  # a commit record is a few hundred bytes
+REPAIR = "`moekd cache` with the cache's settings and verify=true computes the shards at fault again"
 ZSTD_LEVEL = 3  # on real top-64 shards level 9 saves ~2% at 3-5x the write time, 19 saves 4-8% at 30-40x
 ROW_GROUP_ROWS = 64  # rows read together by `read_shard(rows=...)`
 METADATA_KEY = b"moekd"
@@ -404,9 +419,10 @@ def _file_spec(file: pq.ParquetFile, path: Path) -> dict:
     metadata = file.schema_arrow.metadata or {}
     if METADATA_KEY not in metadata:
         raise MoekdError(f"{path} is not a moekd teacher-cache shard (no '{METADATA_KEY.decode()}' metadata)")
-    spec = json.loads(metadata[METADATA_KEY])
-    if spec.get("format_version") not in (TOPK_FORMAT, SAMPLED_FORMAT):
-        raise MoekdError(f"{path} has shard format version {spec.get('format_version')}; "
+    spec = parse_json(metadata[METADATA_KEY], f"{path}'s '{METADATA_KEY.decode()}' metadata")
+    version = spec.get("format_version") if isinstance(spec, dict) else None
+    if version not in (TOPK_FORMAT, SAMPLED_FORMAT):
+        raise MoekdError(f"{path} has shard format version {version}; "
                          f"this moekd reads versions {TOPK_FORMAT} and {SAMPLED_FORMAT}")
     return spec
 
@@ -474,22 +490,37 @@ def _decode(table: pa.Table, spec: dict) -> list[TeacherRecord]:
 # ---------------------------------------------------------------- manifest and commits
 
 
+class Untrusted(NamedTuple):
+    """A commit record moekd does not trust, and why: malformed, another identity's, at odds with the identity's
+    layout, or (`record` kept) naming a shard file found damaged. Readers refuse it; `moekd cache` replaces it."""
+
+    reason: str
+    record: ShardInfo | None = None
+
+
 @dataclass
 class Manifest:
-    """What the cache was built from, and its committed shards (gathered from their commit records)."""
+    """What the cache was built from, and its committed shards (gathered from their commit records).
+
+    `shards` holds the records moekd trusts; `untrusted` the others, by shard index. Whether the cache is
+    whole (every shard the identity announces has a trusted record) is `problems` / `require`: every consumer
+    asks them, through `load`.
+    """
 
     store: Store
     identity: dict
     info: dict
     shards: dict[int, ShardInfo]
     version: int = FORMAT_VERSION
+    untrusted: dict[int, Untrusted] = field(default_factory=dict)
 
     @property
     def location(self) -> str:
         return str(self.store)
 
     @classmethod
-    def open(cls, location: str | Path | Store, identity: dict, info: dict, overwrite: bool) -> "Manifest":
+    def open(cls, location: str | Path | Store, identity: dict, info: dict, overwrite: bool,
+             verify: bool = False) -> "Manifest":
         """Resume the cache at `location`, or start one.
 
         `identity` (which must hold "encoding": `encoding_spec(...)`) is
@@ -499,6 +530,12 @@ class Manifest:
         same identity is always resumed, so workers started together can all
         call this with overwrite set. `info` is informative: the first writer's
         is kept (the manifest is created once, with a conditional put).
+
+        Resuming trusts no more than a reader would: a record that is not
+        trusted, or whose shard file is missing or not the size it says (with
+        `verify`: fails any of `moekd verify`'s checks), leaves its shard out of
+        `committed()`, to be computed again and its record replaced (`commit`);
+        records of shards the identity does not announce are deleted.
         """
         store = open_store(location)
         if "encoding" not in identity:
@@ -509,7 +546,7 @@ class Manifest:
         for folder in (SHARDS, COMMITS, CLAIMS):
             store.check_folder(folder)
         try:
-            existing = cls.load(store) if store.exists(MANIFEST) else None
+            existing = cls.load(store, refuse=False) if store.exists(MANIFEST) else None
         except MoekdError:
             if not overwrite:
                 raise
@@ -521,6 +558,9 @@ class Manifest:
                                  f"{existing.version}, one manifest listing every shard); it can be read but not "
                                  "resumed. Finish it with that version, or set overwrite=true to rebuild it.")
             if not differences:
+                existing._distrust_damaged_files(verify)
+                for index, untrusted in existing.untrusted.items():
+                    print(f"cache: shard {index} is computed again: {untrusted.reason}", flush=True)
                 return existing
             if not overwrite:
                 raise MoekdError(f"{store} holds a teacher cache built with different settings: "
@@ -531,19 +571,24 @@ class Manifest:
         manifest = cls(store, identity, info, {})
         if not store.create(MANIFEST, json_bytes({"format": FORMAT_NAME, "version": FORMAT_VERSION,
                                                    "identity": identity, "info": info})):
-            return cls.open(store, identity, info, overwrite=False)  # another writer started it just now
+            return cls.open(store, identity, info, overwrite=False, verify=verify)  # another writer started it
         return manifest
 
     @classmethod
-    def load(cls, location: str | Path | Store, with_shards: bool = True) -> "Manifest":
+    def load(cls, location: str | Path | Store, with_shards: bool = True, whole: bool = False,
+             refuse: bool = True) -> "Manifest":
         """Read the manifest at `location` and (unless not `with_shards`: identity only) gather the commit
-        records, each checked field by field: a missing, malformed or foreign manifest or record is a one-line
-        error. A shard's file must be `shards/shard-NNNNN[-<sha256 prefix>].parquet` for its own index, so no
-        entry can point elsewhere."""
+        records, each checked field by field and against the identity: a missing or malformed manifest is a
+        one-line error. A shard's file must be `shards/shard-NNNNN[-<sha256 prefix>].parquet` for its own index,
+        so no entry can point elsewhere.
+
+        A cache holding a record moekd does not trust is refused in one line (`require`), and with `whole` (what
+        reads the whole cache: `eval`'s KL, training) one with shards missing too; not `refuse` refuses neither
+        (`moekd verify` and the writer list or repair what is wrong)."""
         store = open_store(location)
         where = store.url(MANIFEST)
         try:
-            raw = store.read(MANIFEST)
+            raw = store.read(MANIFEST, MANIFEST_BYTES)
         except FileNotFoundError:
             raise MoekdError(f"teacher-cache manifest not found: {where}") from None
         data = parse_json(raw, f"teacher-cache manifest {where}")
@@ -558,45 +603,140 @@ class Manifest:
             raise MoekdError(f"{where} is malformed: {problem}")
         manifest = cls(store, data["identity"], data["info"], {}, version)
         if version < COMMIT_RECORDS_VERSION:
-            manifest.shards = {s["index"]: ShardInfo(**s) for s in data["shards"]}
+            for i, shard in enumerate(data["shards"]):
+                manifest._take(shard["index"], ShardInfo(**shard), f"{where}'s shards[{i}]")
         elif with_shards:
             manifest.gather()
+        if with_shards and refuse:
+            manifest.require(whole)
         return manifest
 
+    @functools.cached_property
+    def layout(self) -> list[int] | None:
+        """Rows of each shard the identity announces, by index (shard s holds prepared rows [s * shard_size,
+        (s + 1) * shard_size) of `rows`); None where the identity does not say (a foreign cache: its records are
+        then all there is to it)."""
+        rows, size = self.identity.get("rows"), self.identity.get("shard_size")  # types checked on load
+        if rows is None or size is None:
+            return None
+        return [min(size, rows - start) for start in range(0, rows, size)]
+
     def gather(self) -> None:
-        """Add the shards committed since this manifest last looked (other processes may be writing)."""
+        """Add the shards committed since this manifest last looked (other processes may be writing), and note
+        the records it does not trust (`untrusted`); one whose file was found damaged stays so until replaced."""
         if self.version < COMMIT_RECORDS_VERSION:
             return
-        names = [n for n in self.store.list(COMMITS) if n.endswith(".json")]
+        names = [n for n in self.store.list(COMMITS) if COMMIT_FILE.fullmatch(n)]
+        for index in set(self.untrusted) - {_commit_index(n) for n in names}:  # removed since
+            del self.untrusted[index]
         new = [n for n in names if _commit_index(n) not in self.shards]
         with ThreadPoolExecutor(16 if self.store.remote else 1) as pool:  # a remote read is a round trip
-            for name, raw in zip(new, pool.map(self.store.read, new)):
-                info = self._record(name, raw)
-                self.shards[info.index] = info
+            for name, fetched in zip(new, pool.map(self._fetch, new)):
+                if fetched is not None:
+                    judged = fetched if isinstance(fetched, str) else self._judge(name, fetched)
+                    self._take(_commit_index(name), judged, f"commit record {self.store.url(name)}")
         self.shards = dict(sorted(self.shards.items()))
 
-    def _record(self, name: str, raw: bytes) -> ShardInfo:
+    def _fetch(self, name: str) -> bytes | str | None:
+        """A commit record's bytes; why it cannot be read (a FIFO, a link, too large) as a string; None if it is
+        gone since it was listed."""
+        try:
+            return self.store.read(name, RECORD_BYTES)
+        except FileNotFoundError:
+            return None
+        except MoekdError as e:
+            return f"commit record {e}"
+
+    def _judge(self, name: str, raw: bytes) -> ShardInfo | str:
+        """The shard a commit record describes, or why moekd does not trust the record."""
         where = self.store.url(name)
-        record = parse_json(raw, f"commit record {where}")
+        try:
+            record = parse_json(raw, f"commit record {where}")
+        except MoekdError as e:
+            return str(e)
         if not isinstance(record, dict) or record.get("cache") != config_hash(self.identity):
-            raise MoekdError(f"commit record {where} does not belong to this cache (its \"cache\" is not the hash "
-                             "of the manifest's identity); the cache was replaced while being written, or tampered "
-                             "with. Rebuild it with overwrite=true.")
-        record.pop("cache")
+            return (f"commit record {where} does not belong to this cache (its \"cache\" is not the hash of the "
+                    "manifest's identity): the cache was replaced while being written, or tampered with")
+        record = {key: value for key, value in record.items() if key != "cache"}
         problem = _shard_problem(record, "record")
         if problem is None and _commit_index(name) != record["index"]:
             problem = f"it is named for shard {_commit_index(name)} but describes shard {record['index']}"
         if problem:
-            raise MoekdError(f"commit record {where} is malformed: {problem}")
+            return f"commit record {where} is malformed: {problem}"
         return ShardInfo(**record)
 
+    def _take(self, index: int, judged: ShardInfo | str, where: str) -> None:
+        """File shard `index`'s judged record (described as `where`) as trusted or not: a well-formed record
+        must also agree with the identity's layout, and one whose file was found damaged stays untrusted."""
+        if isinstance(judged, ShardInfo):
+            earlier = self.untrusted.get(index)
+            if earlier is not None and earlier.record == judged:
+                return
+            problem = _layout_problem(judged, self.layout)
+            if problem is None:
+                self.shards[index] = judged
+                self.untrusted.pop(index, None)
+                return
+            judged = f"{where} {problem}"
+        self.shards.pop(index, None)
+        self.untrusted[index] = Untrusted(judged)
+
     def committed(self) -> set[int]:
+        """The shards whose records moekd trusts."""
         return set(self.shards)
 
-    def complete(self) -> bool:
-        """Whether every shard the identity announces is committed (a foreign cache that says nothing is)."""
-        expected = self.identity.get("num_shards")
-        return expected is None or len(self.shards) >= expected
+    def missing(self) -> list[int]:
+        """The shards the identity announces that have no commit record at all (see `untrusted` for the rest)."""
+        announced = range(len(self.layout)) if self.layout is not None else ()
+        return [index for index in announced if index not in self.shards and index not in self.untrusted]
+
+    def problems(self, whole: bool = True) -> list[str]:
+        """Why this cache is not whole, one line each ([] if it is): every record moekd does not trust, then
+        (with `whole`; not for a cache still being written) the shards the identity announces that have no
+        commit record. The one place that says whether a cache is complete."""
+        lines = [self.untrusted[index].reason for index in sorted(self.untrusted)]
+        missing = self.missing()
+        if missing and whole:
+            lines.append(f"{len(missing)} of the {len(self.layout)} shards the identity announces have no commit "
+                         f"record: {_ranges(missing)}")
+        return lines
+
+    def require(self, whole: bool = True,
+                remedy: str = "finish it with `moekd cache` (the same command resumes it)") -> "Manifest":
+        """This manifest if every record it holds is trusted and (with `whole`) no shard is missing, else a
+        one-line error naming the first untrusted record, or how many shards are missing and `remedy`."""
+        if self.untrusted:
+            first = self.untrusted[min(self.untrusted)].reason
+            more = f" (and {len(self.untrusted) - 1} more records not trusted)" if len(self.untrusted) > 1 else ""
+            raise MoekdError(f"teacher cache {self.location}: {first}{more}. `moekd verify {self.location}` lists "
+                             f"the damage; {REPAIR}")
+        missing = self.missing()
+        if missing and whole:
+            raise MoekdError(f"teacher cache {self.location} is incomplete: {len(self.shards)} of {len(self.layout)} "
+                             f"shards committed; {len(missing)} missing ({_ranges(missing)}): {remedy}")
+        return self
+
+    def _distrust_damaged_files(self, verify: bool) -> None:
+        """The writer's check on resume: distrust each record whose shard file is missing, not a regular file or
+        not the size it says (from one listing), or, with `verify`, fails any of `moekd verify`'s checks; delete
+        records of shards the identity does not announce (no writer of this cache made them)."""
+        for index in [i for i in self.untrusted if self.layout is not None and i >= len(self.layout)]:
+            self.store.delete(commit_name(index))
+            del self.untrusted[index]
+        sizes = self.store.sizes(SHARDS)
+        for index, info in list(self.shards.items()):
+            size = sizes.get(info.file)
+            if info.file not in sizes:
+                problem = f"its file {info.file} is missing"
+            elif size is None:
+                problem = f"its file {info.file} is not a regular file"
+            elif size != info.bytes:
+                problem = f"its file {info.file} is {size} bytes, not the {info.bytes} its commit record says"
+            else:
+                problem = "; ".join(_shard_problems(self.store, info, self.identity["encoding"])) if verify else ""
+            if problem:
+                del self.shards[index]
+                self.untrusted[index] = Untrusted(problem, info)
 
     def claim(self, index: int) -> bool:
         """Announce that this process computes shard `index`, unless another did (a conditional put). A claim is a
@@ -605,28 +745,62 @@ class Manifest:
         return self.store.create(claim_name(index), json_bytes({"writer": writer_tag()}))
 
     def commit(self, info: ShardInfo) -> bool:
-        """Commit a written shard: create its commit record if no other process has (a conditional put). The
-        loser's shard object is deleted unless it is the winner's (same bytes, same name); the winner deletes
-        what killed writers of the shard left. Returns whether this call committed it."""
-        current = parse_json(self.store.read(MANIFEST), "teacher-cache manifest")
+        """Commit a written shard; returns whether the record now in place is this call's.
+
+        The record is created only if absent (a conditional put): the first writer wins, and the loser's shard
+        object is deleted unless it is the winner's (same bytes, same name); the winner deletes what killed
+        writers of the shard left. A record there that moekd does not trust (`untrusted`, or not trusted now:
+        malformed, another identity's, at odds with the layout, or naming a missing or wrong-sized file) is
+        replaced by a plain put instead. Writers repairing one shard at once may each put theirs: the last put
+        stays, and each names an object its writer put whole before it, so whichever stays is whole. A repairing
+        writer therefore deletes no objects: the damaged one is overwritten when the shard's bytes come out the
+        same (the same name), else left behind, unnamed by any record, like a killed writer's."""
+        current = parse_json(self.store.read(MANIFEST, MANIFEST_BYTES), "teacher-cache manifest")
         if not isinstance(current, dict) or current.get("identity") != self.identity:
             raise MoekdError(f"{self.store.url(MANIFEST)} was replaced by a run with different settings while "
                              f"this one was writing shard {info.index}")
-        record = {"cache": config_hash(self.identity), **dataclasses.asdict(info)}
-        won = self.store.create(commit_name(info.index), json_bytes(record))
+        name = commit_name(info.index)
+        record = json_bytes({"cache": config_hash(self.identity), **dataclasses.asdict(info)})
+        repairing = info.index in self.untrusted
+        won = self.store.create(name, record)
         self.store.delete(claim_name(info.index))  # a writer killed just before this leaves it: drop_stale_claims
+        if won and not repairing:
+            for other in self.store.list(SHARDS):
+                if other.startswith(f"{SHARDS}/shard-{info.index:05d}-") and other.endswith(".parquet") \
+                        and other != info.file:
+                    self.store.delete(other)
         if not won:
-            winner = self._record(commit_name(info.index), self.store.read(commit_name(info.index)))
-            if winner.file != info.file:
-                self.store.delete(info.file)
-            self.shards[info.index] = winner
-            return False
+            there = self._record_now(name)
+            if isinstance(there, ShardInfo) and not (repairing and there == info):
+                if there.file != info.file and not repairing:
+                    self.store.delete(info.file)
+                self.shards[info.index] = there
+                self.untrusted.pop(info.index, None)
+                return False
+            if (there.record if isinstance(there, Untrusted) else there) != info:  # else: its file was rewritten
+                self.store.put(name, record)
         self.shards[info.index] = info
-        for name in self.store.list(SHARDS):
-            if name.startswith(f"{SHARDS}/shard-{info.index:05d}-") and name.endswith(".parquet") \
-                    and name != info.file:
-                self.store.delete(name)
+        self.untrusted.pop(info.index, None)
         return True
+
+    def _record_now(self, name: str) -> ShardInfo | Untrusted:
+        """The commit record at `name` as it is now, trusted (well formed, of this identity and layout, naming
+        a file of its size that this manifest has not found damaged) or not."""
+        fetched = self._fetch(name)
+        if fetched is None:
+            return Untrusted(f"commit record {self.store.url(name)} is gone")
+        judged = fetched if isinstance(fetched, str) else self._judge(name, fetched)
+        if isinstance(judged, str):
+            return Untrusted(judged)
+        earlier = self.untrusted.get(judged.index)
+        problem = _layout_problem(judged, self.layout)
+        if problem or (earlier is not None and earlier.record == judged):
+            return Untrusted(problem or earlier.reason, judged)
+        try:
+            size = self.store.size(judged.file)
+        except (FileNotFoundError, MoekdError):
+            size = None
+        return judged if size == judged.bytes else Untrusted(f"its file {judged.file} is damaged", judged)
 
     def drop_stale_claims(self) -> None:
         """Delete the claims of committed shards (a writer killed between its commit and deleting its claim
@@ -642,22 +816,25 @@ class Manifest:
         changed since it was committed). Local files are read without following links below the cache."""
         info = self.shards[index]
         try:
-            data = self.store.read(info.file)
+            data = self.store.read(info.file, info.bytes)
         except FileNotFoundError:
             raise MoekdError(f"teacher-cache shard {self.store.url(info.file)} is missing; `moekd verify "
                              f"{self.store}` lists the damage") from None
         if len(data) != info.bytes or hashlib.sha256(data).hexdigest() != info.sha256:
             raise MoekdError(f"teacher-cache shard {self.store.url(info.file)} does not match its commit record "
                              f"(size or sha256): it changed after it was committed. `moekd verify {self.store}` "
-                             "lists the damage; rebuild those shards with `moekd cache`.")
+                             f"lists the damage; {REPAIR}")
         return data
 
     def read_shard(self, index: int, rows: list[int] | None = None) -> list[TeacherRecord]:
         """The records of shard `index` (or of its `rows`), from bytes checked against the commit record."""
         try:
-            return read_shard(pa.BufferReader(self.shard_bytes(index)), rows)
+            records = read_shard(pa.BufferReader(self.shard_bytes(index)), rows)
         except IndexError as e:  # rows the record promised but the shard lacks
             raise _unreadable(self.store.url(self.shards[index].file), e) from None
+        if rows is None:
+            self._check_counts(index, len(records), sum(len(r.positions) for r in records))
+        return records
 
     def read_shard_index(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(seq_ids, T) of shard `index` from its small columns (only they are fetched from a remote store), its
@@ -667,7 +844,17 @@ class Manifest:
             raise MoekdError(f"teacher-cache shard {self.store.url(info.file)} is not the size its commit record "
                              f"says ({info.bytes} bytes); run `moekd verify {self.store}`")
         with self.store.open(info.file) as f:
-            return read_shard_index(f)
+            seq_ids, counts = read_shard_index(f)
+        self._check_counts(index, len(seq_ids), int(counts.sum()))
+        return seq_ids, counts
+
+    def _check_counts(self, index: int, rows: int, tokens: int) -> None:
+        """Refuse a shard whose rows or stored positions are not its commit record's."""
+        info = self.shards[index]
+        if (rows, tokens) != (info.rows, info.tokens):
+            raise MoekdError(f"teacher-cache shard {self.store.url(info.file)} holds {rows} rows and {tokens} "
+                             f"positions but its commit record says {info.rows} and {info.tokens}; run "
+                             f"`moekd verify {self.store}`")
 
     def reload(self) -> "Manifest":
         """The cache as it is now (other processes may have committed since)."""
@@ -685,6 +872,31 @@ def claim_name(index: int) -> str:
 def _commit_index(name: str) -> int | None:
     match = COMMIT_FILE.fullmatch(name)
     return int(match[1]) if match else None
+
+
+def _layout_problem(info: ShardInfo, layout: list[int] | None) -> str | None:
+    """How a well-formed record disagrees with the identity's layout (`Manifest.layout`), or None."""
+    if layout is None:
+        return None
+    if info.index >= len(layout):
+        return f"describes shard {info.index}, but the identity announces {len(layout)} shards"
+    if info.rows != layout[info.index]:
+        return f"says shard {info.index} has {info.rows} rows, but the identity's rows and shard_size give it " \
+               f"{layout[info.index]}"
+    if info.tokens and not info.rows:
+        return f"says shard {info.index} has {info.tokens} positions in no rows"
+    return None
+
+
+def _ranges(indices: list[int]) -> str:
+    """Sorted shard indices as runs: "0, 3-5, 9"."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return ", ".join(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs)
 
 
 def _as_json(data: dict) -> dict:
@@ -734,9 +946,17 @@ def _manifest_problem(data: dict, listed: bool) -> str | None:
         value = encoding.get(key)
         if type(value) is not kind or (kind is int and value < 1):
             return f"identity.encoding.{key} must be a {'positive integer' if kind is int else kind.__name__}"
+    identity = data["identity"]
     for key, kind in (("num_shards", int), ("tokenizer_fingerprint", str), ("data_fingerprint", str)):
-        if key in data["identity"] and type(data["identity"][key]) is not kind:
+        if key in identity and type(identity[key]) is not kind:
             return f"identity.{key} must be a {kind.__name__}"
+    for key, least in (("rows", 0), ("shard_size", 1)):  # the layout: shard s holds rows [s * shard_size, ...)
+        if key in identity and not (type(identity[key]) is int and identity[key] >= least):
+            return f"identity.{key} must be an integer of at least {least}"
+    if {"rows", "shard_size", "num_shards"} <= set(identity) \
+            and identity["num_shards"] != -(-identity["rows"] // identity["shard_size"]):
+        return (f"identity.num_shards is {identity['num_shards']}, but {identity['rows']} rows in shards of "
+                f"{identity['shard_size']} make {-(-identity['rows'] // identity['shard_size'])}")
     seen = set()
     for i, shard in enumerate(data["shards"] if listed else ()):
         problem = _shard_problem(shard, f"shards[{i}]")
@@ -768,11 +988,14 @@ def _shard_problem(shard, where: str) -> str | None:
 # ---------------------------------------------------------------- verification
 
 
-def verify_cache(location: str | Path | Store) -> list[str]:
-    """Check every committed shard against its commit record; one line per problem, [] if all good."""
-    manifest = Manifest.load(location)
+def verify_cache(location: str | Path | Store, whole: bool = True) -> list[str]:
+    """Everything that keeps the cache from being whole and sound, one line per problem ([] if it is): the
+    records moekd does not trust and (with `whole`; not for a cache still being written) the shards without
+    one (`Manifest.problems`), then every committed shard checked against its commit record (size, sha256,
+    schema, rows, positions, values)."""
+    manifest = Manifest.load(location, refuse=False)
     spec = manifest.identity["encoding"]
-    problems = []
+    problems = manifest.problems(whole)
     for index in sorted(manifest.shards):
         info = manifest.shards[index]
         problems += [f"shard {index} ({info.file}): {p}" for p in _shard_problems(manifest.store, info, spec)]
@@ -780,8 +1003,13 @@ def verify_cache(location: str | Path | Store) -> list[str]:
 
 
 def _shard_problems(store: Store, info: ShardInfo, spec: dict) -> list[str]:
+    """What is wrong with a committed shard's file, against its record. A file larger than its record says is
+    not read (nothing moekd reads is larger than it may be)."""
     try:
-        data = store.read(info.file)
+        size = store.size(info.file)
+        if size > info.bytes:
+            return [f"size is {size} bytes but the commit record says {info.bytes}"]
+        data = store.read(info.file, info.bytes)
     except FileNotFoundError:
         return ["file is missing"]
     except (MoekdError, OSError) as e:

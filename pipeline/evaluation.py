@@ -162,11 +162,12 @@ def cache_kl(
     per row [seq_id, summed KL, positions, summed cross-entropy of the model at them] (per-example statistics;
     the cross-entropy is `example_losses`' where the cache's rows are the prepared data's).
 
-    Reads the committed shards in order, one at a time, into the training
-    batches (`batch.collate_records`); `max_rows` keeps the first rows (in
-    seq_id order) only.
+    Reads the shards in order, one at a time, into the training batches
+    (`batch.collate_records`); `max_rows` keeps the first rows (in seq_id
+    order) only. A cache that is not whole (`Manifest.require`) is refused: a
+    KL over the rows a partial cache happens to hold is not the KL asked for.
     """
-    manifest = Manifest.load(cache)
+    manifest = Manifest.load(cache, whole=True)
     if sampled(manifest.identity["encoding"]):
         raise MoekdError(f"{cache} is a sampled cache: the KL to a teacher needs its probabilities, which "
                          "draws only estimate; give a top-k cache of the held-out data")

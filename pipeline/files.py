@@ -1,9 +1,16 @@
-"""Crash-safe file handling: atomic writes, checksums, and advisory locks.
+"""Crash-safe file handling: atomic writes, checksums, advisory locks, and reading what others wrote.
 
 Everything moekd commits (shards, manifests, prepared data, checkpoints) goes
 through `atomic_write`: the bytes land in a temporary file in the same
 directory, are fsynced, and are renamed over the final name, so a reader sees
 either the old file or the whole new one, never a torn write.
+
+Everything moekd reads from a cache, run or model directory is opened here
+(`open_confined`, `read_confined`, `open_regular`): regular files only (a FIFO,
+device or directory in a file's place is refused before it is read, and the
+open itself cannot block), no link followed below the directory moekd was
+pointed at, and at most a given size. Every JSON file it reads goes through
+`parse_json`, which bounds nesting and number lengths.
 """
 
 from __future__ import annotations
@@ -16,12 +23,16 @@ import json
 import os
 import shutil
 import socket
+import stat
 from pathlib import Path
 from typing import Callable, Iterator
 
 from pipeline.errors import MoekdError
 
 TMP_SUFFIX = ".tmp"
+MAX_JSON_BYTES = 256 << 20  # the largest JSON file moekd reads (a version 1-2 manifest lists every shard)
+MAX_JSON_DEPTH = 64  # moekd's own JSON nests a handful of levels
+MAX_NUMBER_CHARS = 100  # moekd writes no number longer; Python refuses to convert ints of over 4300 digits
 
 
 def _file_mode() -> int:
@@ -127,20 +138,63 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, json_bytes(obj))
 
 
-def parse_json(raw: bytes, what: str):
-    """Parsed JSON, or a clear error naming `what` when it is not JSON."""
+class _LongNumber(ValueError):
+    """A JSON number longer than MAX_NUMBER_CHARS, raised from inside the parser."""
+
+
+def _bounded_number(kind: type) -> Callable[[str], object]:
+    def parse(text: str):
+        if len(text) > MAX_NUMBER_CHARS:
+            raise _LongNumber(len(text))
+        return kind(text)
+
+    return parse
+
+
+def parse_json(raw: bytes | str, what: str):
+    """Parsed JSON, or a one-line error naming `what` when it is not JSON moekd could have written: malformed,
+    nested more than MAX_JSON_DEPTH levels, or holding a number of more than MAX_NUMBER_CHARS characters."""
     try:
-        return json.loads(raw)
+        value = json.loads(raw, parse_int=_bounded_number(int), parse_float=_bounded_number(float))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MoekdError(f"{what} is not valid JSON: {e}") from None
+    except _LongNumber as e:
+        raise MoekdError(f"{what} holds a number of {e.args[0]} characters; moekd reads none longer than "
+                         f"{MAX_NUMBER_CHARS}") from None
+    except RecursionError:  # nested deeper than Python's stack: the parser stops before it overflows
+        raise _too_deep(what) from None
+    if _deeper_than(value, MAX_JSON_DEPTH):
+        raise _too_deep(what)
+    return value
 
 
-def read_json(path: Path, what: str = "file"):
-    """Load JSON, turning a missing or malformed file into a clear error."""
+def _too_deep(what: str) -> MoekdError:
+    return MoekdError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep; moekd reads no deeper JSON")
+
+
+def _deeper_than(value, limit: int) -> bool:
+    """Whether lists and objects nest in `value` more than `limit` levels (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def read_json(path: Path, what: str = "file", limit: int = MAX_JSON_BYTES):
+    """Load the JSON file `path` (`read_confined` below its directory, `parse_json`); a missing, non-regular,
+    oversized or malformed file is a one-line error."""
     path = Path(path)
-    if not path.is_file():
-        raise MoekdError(f"{what} not found: {path}")
-    return parse_json(path.read_bytes(), f"{what} {path}")
+    try:
+        raw = read_confined(path.parent, path.name, what, limit)
+    except FileNotFoundError:
+        raise MoekdError(f"{what} not found: {path}") from None
+    return parse_json(raw, f"{what} {path}")
 
 
 def remove_stale_temporaries(directory: Path, name: str = "*") -> None:
@@ -166,32 +220,81 @@ def confined_parts(relative: str, what: str) -> tuple[str, ...]:
 
 
 def open_confined(directory: Path, relative: str, what: str = "path") -> int:
-    """A read-only file descriptor of `directory/relative`, opened without following any link below
-    `directory` (each component with O_NOFOLLOW), so a name written by someone else cannot lead out."""
+    """A read-only file descriptor of the regular file `directory/relative`, opened without following any link
+    below `directory` (each component with O_NOFOLLOW), so a name written by someone else cannot lead out; a
+    FIFO, device or directory in its place is refused (`open_regular`'s checks)."""
     parts = confined_parts(relative, what)
+    path = Path(directory) / relative
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for i, part in enumerate(parts):
-            flags = os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECTORY if i < len(parts) - 1 else 0)
+        for i, part in enumerate(parts[:-1]):
             try:
-                child = os.open(part, flags, dir_fd=fd)
+                child = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY, dir_fd=fd)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise MoekdError(f"{Path(directory) / relative}: {'/'.join(parts[: i + 1])} is a symbolic link "
-                                     "or not a directory; moekd reads only files inside the directory itself") from None
+                    raise _not_plain(path, "/".join(parts[: i + 1])) from None
                 raise
             os.close(fd)
             fd = child
+        return _open_regular(parts[-1], path, what, dir_fd=fd, follow=False)
+    finally:
+        os.close(fd)
+
+
+def open_regular(path: Path, what: str = "file") -> int:
+    """A read-only file descriptor of the regular file `path`, following links (a model directory from a hub
+    cache is links into its blob store); a FIFO, device or directory there is refused before anything is read."""
+    return _open_regular(str(path), Path(path), what, dir_fd=None, follow=True)
+
+
+def _open_regular(name: str, path: Path, what: str, dir_fd: int | None, follow: bool) -> int:
+    """Open `name` (in `dir_fd`) for reading if it is a regular file: checked before the open (so a device is
+    never opened), opened with O_NONBLOCK (so a FIFO swapped in meanwhile cannot block it) and checked again."""
+    mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=follow).st_mode
+    if stat.S_ISLNK(mode):
+        raise _not_plain(path, path.name)
+    if not stat.S_ISREG(mode):
+        raise not_regular(path, mode, what)
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW), dir_fd=dir_fd)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise not_regular(path, mode, what)
+        os.set_blocking(fd, True)
         return fd
     except BaseException:
         os.close(fd)
         raise
 
 
-def read_confined(directory: Path, relative: str, what: str = "path") -> bytes:
-    """The bytes of `directory/relative`, read as `open_confined` opens it."""
+def _not_plain(path: Path, component: str) -> MoekdError:
+    return MoekdError(f"{path}: {component} is a symbolic link or not a directory; moekd reads only files inside "
+                      "the directory itself")
+
+
+def not_regular(path, mode: int, what: str) -> MoekdError:
+    """The error for a `what` at `path` that is a FIFO, socket, device or directory rather than a file."""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a link"))
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return MoekdError(f"{path} ({what}) is {kind}, not a regular file; moekd reads only plain files")
+
+
+def too_large(path, size: int | None, limit: int, what: str) -> MoekdError:
+    """The error for a `what` at `path` of `size` bytes (None: not known, only that it is more), more than the
+    `limit` such a file may have."""
+    known = f"{size} bytes, " if size is not None else ""
+    return MoekdError(f"{path} ({what}) is {known}more than the {limit} bytes it may have; moekd does not read it")
+
+
+def read_confined(directory: Path, relative: str, what: str, limit: int) -> bytes:
+    """The bytes of `directory/relative`, opened as `open_confined` opens it, refused when over `limit` bytes."""
     with os.fdopen(open_confined(directory, relative, what), "rb") as f:
-        return f.read()
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(limit + 1) if size <= limit else b""
+        if size > limit or len(data) > limit:  # it may grow while it is read
+            raise too_large(Path(directory) / relative, max(size, len(data)), limit, what)
+        return data
 
 
 def plain_directory(path: Path, what: str) -> Path:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import pickle
+import stat
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from pipeline.config import config_hash
 from pipeline.errors import MoekdError, first_line
-from pipeline.files import atomic_directory, atomic_write_json, read_json
+from pipeline.files import atomic_directory, atomic_write_json, not_regular, open_regular, parse_json, read_json
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -36,6 +37,7 @@ FULL_HASH_BYTES = 256 << 20
 SAMPLES = 16
 SAMPLE_BYTES = 64 << 10
 TENSOR_SAMPLE_BYTES = 4 << 10
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors format's own limit
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -87,9 +89,18 @@ def honours_remote_code(run):
 
 
 def local_dir(path: str | Path, what: str) -> Path:
+    """`path` as a local `what` directory to hand to transformers, which opens its files itself: refused unless
+    a directory, and if anything in it is neither a file nor a directory (a FIFO would block the open)."""
     path = Path(path)
     if not path.is_dir():
         raise MoekdError(f"{what} directory not found: {path} (models are read from local directories only)")
+    for entry in os.scandir(path):
+        try:
+            mode = entry.stat().st_mode  # links followed: a hub cache's files are links into its blob store
+        except FileNotFoundError:  # a dangling link: transformers names it if it needs it
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise not_regular(Path(entry.path), mode, "in a model directory")
     return path
 
 
@@ -195,9 +206,9 @@ def weight_files(directory: Path) -> list[Path]:
 
 def file_fingerprint(path: Path, full_hash_below: int) -> str:
     """sha256 of a small file; for a large one, of its size, safetensors header and sampled ranges."""
-    size = path.stat().st_size
-    h = hashlib.sha256(f"{path.name}:{size}".encode())
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path, "weight file"), "rb") as f:  # a FIFO or device there is refused
+        size = os.fstat(f.fileno()).st_size
+        h = hashlib.sha256(f"{path.name}:{size}".encode())
         if size <= full_hash_below:
             while block := f.read(1 << 20):
                 h.update(block)
@@ -206,14 +217,20 @@ def file_fingerprint(path: Path, full_hash_below: int) -> str:
             # An 8-byte little-endian length, then a JSON header of every tensor's
             # name, dtype, shape and byte offsets (relative to the end of the header).
             header_length = int.from_bytes(f.read(8), "little")
+            if header_length > min(size - 8, MAX_SAFETENSORS_HEADER):
+                raise MoekdError(f"{path} is not a safetensors file (its header would be {header_length} bytes)")
             header = f.read(header_length)
             h.update(header)
-            for name, entry in sorted(json.loads(header).items()):
-                if name != "__metadata__":  # the first and last bytes of every tensor
-                    begin, end = (8 + header_length + offset for offset in entry["data_offsets"])
-                    for start in (begin, max(end - TENSOR_SAMPLE_BYTES, begin)):
-                        f.seek(start)
-                        h.update(f.read(min(TENSOR_SAMPLE_BYTES, end - start)))
+            entries = parse_json(header, f"{path}'s safetensors header")
+            try:
+                for name, entry in sorted(entries.items()):
+                    if name != "__metadata__":  # the first and last bytes of every tensor
+                        begin, end = (8 + header_length + int(offset) for offset in entry["data_offsets"])
+                        for start in (begin, max(end - TENSOR_SAMPLE_BYTES, begin)):
+                            f.seek(start)
+                            h.update(f.read(min(TENSOR_SAMPLE_BYTES, end - start)))
+            except (AttributeError, KeyError, TypeError, ValueError):
+                raise MoekdError(f"{path} is not a safetensors file (its header lists no tensor offsets)") from None
         for i in range(SAMPLES):
             f.seek(max(size - SAMPLE_BYTES, 0) * i // (SAMPLES - 1))
             h.update(f.read(SAMPLE_BYTES))

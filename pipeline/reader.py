@@ -34,6 +34,7 @@ rate and resume before a followed cache's shards exist.
 from __future__ import annotations
 
 import functools
+import math
 import queue
 import threading
 import time
@@ -57,21 +58,27 @@ class CacheShards:
 
     `follow`: the cache may still be being written. The shards are all those its identity announces, and
     `index` and `read` wait (polling every `poll_seconds`) until a shard is committed; `timeout` seconds
-    without a new commit is an error (re-running resumes). The first epoch then reads the shards in index
-    order, the order writers commit them in (`in_order`).
+    without a new commit is an error (re-running resumes): one clock for every thread that waits, so a window
+    whose shards are all missing gives up after `timeout`, not after `timeout` per shard. A record that
+    is not trusted is an error at once. The first epoch then reads the shards in index order, the order
+    writers commit them in (`in_order`).
     """
 
     concurrent = True  # each read fetches and decodes its own bytes: a window's shards are read side by side
 
     def __init__(self, cache: str | Manifest, subset: list[int] | None = None, follow: bool = False,
                  poll_seconds: float = 2.0, timeout: float = 3600.0):
-        """`cache`: its location, or its manifest already loaded."""
-        self.manifest = cache if isinstance(cache, Manifest) else Manifest.load(cache)
-        identity = self.manifest.identity
-        everything = range(identity["num_shards"]) if follow else self.manifest.shards
+        """`cache`: its location (refused unless whole, or with `follow` unless what it holds is trusted), or its
+        manifest already loaded."""
+        self.manifest = cache if isinstance(cache, Manifest) else Manifest.load(cache, whole=not follow)
+        if follow and self.manifest.layout is None:
+            raise MoekdError(f"follow: teacher cache {self.manifest.location} does not say how its rows are "
+                             "sharded (identity.rows and identity.shard_size); it was not written by `moekd cache`")
+        everything = range(len(self.manifest.layout)) if follow else self.manifest.shards
         self.indices = sorted(everything if subset is None else set(subset))
         self.in_order, self.poll_seconds, self.timeout = follow, poll_seconds, timeout
         self.lock, self.waiting_for = threading.Lock(), None
+        self.last_commit_seen = -math.inf  # when a wait last saw a new commit
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -81,8 +88,7 @@ class CacheShards:
         index = self.indices[shard]
         if index in self.manifest.shards:
             return self.manifest.shards[index].rows
-        identity = self.manifest.identity
-        return min(identity["shard_size"], identity["rows"] - index * identity["shard_size"])
+        return self.manifest.layout[index]
 
     def index(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """(seq_ids, target counts T) of the shard's rows, from its small columns only."""
@@ -92,21 +98,26 @@ class CacheShards:
         return self.manifest.read_shard(self.committed(shard))
 
     def committed(self, shard: int) -> int:
-        """The cache's index of `shard`, once it is committed."""
-        index = self.indices[shard]
+        """The cache's index of `shard`, once it is committed. The wait is timed from when it was asked for or
+        from the last new commit, whichever is later, on one clock for all threads: a thread that waited for
+        the lock while another timed out does not wait `timeout` again."""
+        index, asked = self.indices[shard], time.monotonic()
         with self.lock:
-            since = time.monotonic()
             while index not in self.manifest.shards:
                 progress = (f"shard {index} of the teacher cache {self.manifest.location} "
-                            f"({len(self.manifest.shards)} of {self.manifest.identity['num_shards']} committed)")
-                if time.monotonic() - since > self.timeout:
+                            f"({len(self.manifest.shards)} of {len(self.manifest.layout)} committed)")
+                if time.monotonic() - max(asked, self.last_commit_seen) > self.timeout:
                     raise MoekdError(f"waited {self.timeout:.0f}s for {progress}; is `moekd cache` still writing "
                                      "it? Re-run this command to resume once it is.")
                 if self.waiting_for != index:  # say once per shard
                     print(f"follow: waiting for {progress}", flush=True)
                     self.waiting_for = index
                 time.sleep(self.poll_seconds)
+                committed = len(self.manifest.shards)
                 self.manifest.gather()
+                self.manifest.require(whole=False)
+                if len(self.manifest.shards) > committed:
+                    self.last_commit_seen = time.monotonic()
         return index
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from pipeline.errors import MoekdError
-from pipeline.files import atomic_write
+from pipeline.files import atomic_write, parse_json
 from pipeline.models import model_identity
 
 ROUTERS_FORMAT = "moekd-routers"
@@ -59,7 +59,10 @@ def read_routers(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         raise MoekdError(f"{path} is not a readable safetensors file: {e}") from None
     if metadata.get("format") != ROUTERS_FORMAT or metadata.get("version") != ROUTERS_VERSION:
         raise MoekdError(f"{path} is not a moekd routers file (version {ROUTERS_VERSION}); `moekd sar` writes them")
-    return tensors, json.loads(metadata["teacher"])
+    trained_on = parse_json(metadata.get("teacher", ""), f"{path}'s teacher metadata")
+    if not isinstance(trained_on, dict):
+        raise MoekdError(f"{path}'s teacher metadata is not a JSON object; `moekd sar` writes one")
+    return tensors, trained_on
 
 
 def apply_routers(model: nn.Module, path: str | Path) -> None:

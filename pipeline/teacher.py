@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from pipeline.batch import Batch, collate_examples, collate_records
-from pipeline.cache_format import Manifest, sampled, verify_cache
+from pipeline.cache_format import REPAIR, Manifest, sampled, verify_cache
 from pipeline.capture import teacher_topk
 from pipeline.data import PreparedData
 from pipeline.errors import MoekdError
@@ -102,24 +102,22 @@ class CachedTeacher:
         """`top_k`: keep the most probable `top_k` of each stored distribution's k (the tail mass stays exact:
         the log-probs are normalised over the vocabulary); `shards`: read these shard indices only; `follow`:
         the cache may still be being written: wait up to this many seconds for each next shard."""
-        manifest = Manifest.load(cache)
-        expected = manifest.identity.get("num_shards")
-        if follow is not None and expected is None:
+        manifest = Manifest.load(cache, refuse=False)
+        if follow is not None and manifest.layout is None:
             raise MoekdError(f"follow: teacher cache {cache} does not say how many shards it will have "
-                             "(identity.num_shards); it was not written by `moekd cache`")
-        if follow is None and not manifest.complete():
-            raise MoekdError(f"teacher cache {cache} is incomplete: {len(manifest.shards)} of {expected} shards "
-                             "committed; finish it with `moekd cache` first, or train while it is written with "
-                             "follow=true")
+                             "(identity.rows and identity.shard_size); it was not written by `moekd cache`")
+        manifest.require(whole=follow is None, remedy="finish it with `moekd cache` first, or train while it is "
+                                                      "written with follow=true")
         encoding = manifest.identity["encoding"]
-        if aggregate and not encoding["aggregate"]:
-            raise MoekdError(f"ka_samples=aggregate but teacher cache {cache} stores no aggregate "
-                             "(build it with aggregate=true, or use ka_samples=mean)")
         self.sampled = sampled(encoding)
+        if aggregate and (self.sampled or not encoding["aggregate"]):
+            raise MoekdError(f"ka_samples=aggregate but teacher cache {cache} " + (
+                "is a sampled cache: its draws already mix the KA samples (use ka_samples=mean)" if self.sampled else
+                "stores no aggregate (build it with aggregate=true, or use ka_samples=mean)"))
         if top_k is not None and (self.sampled or top_k > encoding["k"]):
             held = "draws, not a top-k" if self.sampled else f"the top {encoding['k']}"
             raise MoekdError(f"cache_top_k={top_k}: teacher cache {cache} holds {held}; give at most its k")
-        known = range(expected) if follow is not None else manifest.shards
+        known = range(len(manifest.layout)) if follow is not None else manifest.shards
         missing = sorted(set(shards or ()) - set(known))
         if missing:
             raise MoekdError(f"cache_shards: teacher cache {cache} has no shard {missing[0]} "
@@ -146,11 +144,10 @@ class CachedTeacher:
             print(f"{self.cache}: each shard is checked against its commit record as it is read")
             return
         start = time.perf_counter()
-        problems = verify_cache(self.cache)
+        problems = verify_cache(self.cache, whole=self.follow is None)
         if problems:
             raise MoekdError(f"teacher cache {self.cache} failed verification ({len(problems)} problems, e.g. "
-                             f"{problems[0]}); `moekd verify {self.cache}` lists them. Rebuild the damaged shards "
-                             "with `moekd cache`.")
+                             f"{problems[0]}); `moekd verify {self.cache}` lists them; {REPAIR}")
         size = sum(s.bytes for s in Manifest.load(self.cache).shards.values())
         print(f"verified {self.cache} ({size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f}s")
 

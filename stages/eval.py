@@ -94,7 +94,7 @@ class Config:
 def run(config: Config) -> dict:
     """Evaluate every model on every split (and the cache), write the results and print the tables."""
     splits = dict(zip(split_names(config.data), (PreparedData(d) for d in config.data)))
-    cache = Manifest.load(config.cache) if config.cache else None
+    cache = Manifest.load(config.cache, whole=True) if config.cache else None  # a KL needs every shard
     made_with = {str(data.directory): (data.tokenizer_fingerprint, None) for data in splits.values()}
     if cache is not None:
         made_with |= cache_made_with(config.cache)

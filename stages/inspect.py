@@ -3,7 +3,8 @@
 A cache may come from another team: the summary shows '?' for whatever its
 manifest does not say, the sequence view reads its shard checked against the
 manifest, and no path written in the manifest is followed (the tokenizer is
-given on the command line).
+given on the command line). A cache still being written is summarised, its
+missing shards named; one holding a record moekd does not trust is refused.
 """
 
 from __future__ import annotations
@@ -54,10 +55,19 @@ def summary(manifest: Manifest) -> str:
         f"stored     {stored(encoding)}, dtype {said(identity, 'dtype')}",
         f"shards     {len(shards)}/{said(identity, 'num_shards')} committed, {said(identity, 'shard_size')} "
         "sequences each",
+        f"status     {status(manifest)}",
         f"tokens     {tokens} response tokens, {size / 1e6:.2f} MB"
         + (f", {size / tokens:.1f} bytes/token, {size / (tokens * samples):.1f} bytes/token/sample" if tokens else ""),
     ]
     return "\n".join(lines)
+
+
+def status(manifest: Manifest) -> str:
+    """Whether the cache is complete, as `Manifest.problems` judges it."""
+    if manifest.layout is None:
+        return "? (the manifest does not say how many shards it has)"
+    problems = manifest.problems()
+    return f"incomplete: {'; '.join(problems)}" if problems else "complete"
 
 
 def stored(encoding: dict) -> str:
@@ -85,7 +95,7 @@ def routing_text(routing) -> str:
 
 def sequence_view(manifest: Manifest, config: Config) -> str:
     shard_size, rows = said(manifest.identity, "shard_size"), said(manifest.identity, "rows")
-    if not (type(shard_size) is int and shard_size > 0 and type(rows) is int):
+    if manifest.layout is None:
         raise MoekdError(f"{manifest.location}'s manifest does not say how its rows are sharded "
                          "(identity.shard_size and identity.rows); it was not written by `moekd cache`")
     if config.tokenizer is None:

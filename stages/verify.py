@@ -1,11 +1,11 @@
-"""Check every cache shard against the manifest (files, rows, sha256, schema)."""
+"""Check a cache is complete and every shard matches the manifest (records, files, rows, sha256, schema)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
 
-from pipeline.cache_format import verify_cache
+from pipeline.cache_format import REPAIR, verify_cache
 from pipeline.errors import MoekdError
 
 
@@ -16,7 +16,10 @@ class Config:
 
 
 def run(config: Config) -> None:
+    """Print that the cache is whole and sound, or fail (exit 2) listing every problem, the first on the error's
+    own line."""
     problems = verify_cache(config.cache)
     if problems:
-        raise MoekdError(f"{config.cache} failed verification:\n  " + "\n  ".join(problems))
-    print(f"{config.cache}: every shard matches the manifest")
+        count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
+        raise MoekdError(f"{config.cache} failed verification ({count}): " + "\n  ".join(problems) + f"\n{REPAIR}.")
+    print(f"{config.cache}: complete, every shard matches the manifest")

@@ -23,6 +23,7 @@ from pipeline.cache_format import (
 from pipeline.errors import MoekdError
 from pipeline.files import atomic_path
 from pipeline.storage import LocalStore
+from test_files import no_hang
 
 FP16_REL = 2.0**-11  # float16 round-to-nearest: half an ulp, relative
 FP16_ABS = 2.0**-25  # below float16's smallest normal (2**-14), the error is absolute
@@ -475,3 +476,194 @@ def test_encodings_bench_measures_what_the_cache_stores(tmp_path):
     assert top_p["mass"] >= min(0.5, full["mass"]) - 1e-6
     eight = cache_encodings.measure(records, "8-bit", None, 16, True)
     assert eight["mass"] == full["mass"] and 0 < eight["kl"] < 1e-3
+
+
+# ---------------------------------------------------------------- a cache is whole, or refused and repaired
+
+ROWS, SHARD_ROWS = 14, 4  # shards of 4, 4, 4 and 2 rows
+
+
+def laid_out_identity() -> dict:
+    """An identity that says how its rows are sharded, as `moekd cache` writes it."""
+    return identity(rows=ROWS, shard_size=SHARD_ROWS, num_shards=4)
+
+
+def shard_records(index, seed=0):
+    count = min(SHARD_ROWS, ROWS - index * SHARD_ROWS)
+    return make_records(count, first_id=index * SHARD_ROWS, seed=index + 100 * seed)
+
+
+def write_and_commit(manifest, directory, index, seed=0) -> bool:
+    records = shard_records(index, seed)
+    return manifest.commit(write_shard(directory, index, records, **spec_of(records, 500, False)))
+
+
+def laid_out_cache(directory, shards=range(4)) -> Manifest:
+    manifest = Manifest.open(directory, laid_out_identity(), {}, overwrite=False)
+    for index in shards:
+        write_and_commit(manifest, directory, index)
+    return manifest
+
+
+def resume(directory, verify=False) -> Manifest:
+    """What `moekd cache` does on resume: open the cache, then compute and commit each shard it does not trust."""
+    manifest = Manifest.open(directory, laid_out_identity(), {}, overwrite=False, verify=verify)
+    for index in sorted(set(range(4)) - manifest.committed()):
+        assert write_and_commit(manifest, directory, index)
+    return manifest
+
+
+def commit_record(directory, index):
+    return directory / "commits" / f"shard-{index:05d}.json"
+
+
+def test_a_cache_missing_a_record_is_incomplete_to_every_reader_and_resumed(tmp_path):
+    laid_out_cache(tmp_path)
+    commit_record(tmp_path, 2).unlink()
+    assert verify_cache(tmp_path) == ["1 of the 4 shards the identity announces have no commit record: 2"]
+    with pytest.raises(MoekdError, match=r"is incomplete: 3 of 4 shards committed; 1 missing \(2\): finish it"):
+        Manifest.load(tmp_path, whole=True)
+    assert Manifest.load(tmp_path).missing() == [2]  # a cache being written may be read as far as it goes
+    assert verify_cache(tmp_path, whole=False) == []
+    assert resume(tmp_path).committed() == {0, 1, 2, 3}
+    assert verify_cache(tmp_path) == []
+
+
+def test_runs_of_missing_shards_are_named_as_ranges(tmp_path):
+    laid_out_cache(tmp_path, shards=[1])
+    with pytest.raises(MoekdError, match=r"1 of 4 shards committed; 3 missing \(0, 2-3\)"):
+        Manifest.load(tmp_path, whole=True)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r.update(rows=3), r"says shard 1 has 3 rows, but the identity's rows and shard_size give it 4"),
+    (lambda r: r.update(rows=0, tokens=0), "says shard 1 has 0 rows"),
+    (lambda r: r.update(bytes=r["bytes"] + 1), r"its file shards/shard-00001-\w+\.parquet is \d+ bytes, not the"),
+    (lambda r: r.update(cache="0" * 64), "does not belong to this cache"),
+    (lambda r: r.update(sha256="f" * 64), r"record.file is"),
+])
+def test_a_record_at_odds_with_the_identity_is_refused_and_replaced_on_resume(tmp_path, edit, message):
+    laid_out_cache(tmp_path)
+    record = json.loads(commit_record(tmp_path, 1).read_text())
+    edit(record)
+    commit_record(tmp_path, 1).write_text(json.dumps(record))
+    if "its file" not in message:  # a wrong size is the writer's cheap check; readers hash what they read
+        with pytest.raises(MoekdError, match=message) as error:
+            Manifest.load(tmp_path)
+        assert "\n" not in str(error.value) and "`moekd cache` with the cache's settings" in str(error.value)
+        assert any(re.search(message, p) for p in verify_cache(tmp_path))
+    resumed = resume(tmp_path)
+    assert resumed.committed() == {0, 1, 2, 3} and not resumed.untrusted
+    assert verify_cache(tmp_path) == []
+    assert json.loads(commit_record(tmp_path, 1).read_text())["rows"] == 4
+
+
+def test_records_of_shards_the_identity_does_not_announce_are_refused_and_deleted_on_resume(tmp_path):
+    laid_out_cache(tmp_path)
+    commit_record(tmp_path, 1).rename(commit_record(tmp_path, 7))  # shard 7 of 4, and shard 1 missing
+    problems = verify_cache(tmp_path)
+    assert len(problems) == 2 and "is named for shard 7 but describes shard 1" in problems[0]
+    assert problems[1].endswith("have no commit record: 1")
+    resume(tmp_path)
+    assert not commit_record(tmp_path, 7).exists() and verify_cache(tmp_path) == []
+
+
+def test_a_damaged_shard_is_recomputed_on_resume(tmp_path):
+    laid_out_cache(tmp_path)
+    truncate(shard_file(tmp_path, 1))  # found by its size: every resume checks it
+    flip_bytes(shard_file(tmp_path, 2))  # the same size: found by verify=true, which hashes every shard
+    assert Manifest.open(tmp_path, laid_out_identity(), {}, overwrite=False).committed() == {0, 2, 3}
+    resume(tmp_path)
+    flipped = str(shard_file(tmp_path, 2).relative_to(tmp_path))
+    assert {p.split(":")[0] for p in verify_cache(tmp_path)} == {f"shard 2 ({flipped})"}
+    assert resume(tmp_path, verify=True).committed() == {0, 1, 2, 3}
+    assert verify_cache(tmp_path) == []
+    assert len(list((tmp_path / "shards").iterdir())) == 4  # the same bytes again: rewritten in place
+
+
+def test_a_shard_recomputed_to_other_bytes_replaces_its_record(tmp_path):
+    """Another machine's rounding gives other bytes: a new object and a new record; the damaged object is left
+    behind, named by no record."""
+    laid_out_cache(tmp_path)
+    damaged = shard_file(tmp_path, 1)
+    truncate(damaged)
+    first, second = (Manifest.open(tmp_path, laid_out_identity(), {}, overwrite=False) for _ in range(2))
+    assert write_and_commit(first, tmp_path, 1, seed=1)
+    assert not write_and_commit(second, tmp_path, 1, seed=2)  # the first's record names a whole file: it stays
+    assert verify_cache(tmp_path) == [] and damaged.exists()
+    assert Manifest.load(tmp_path).shards[1].file != str(damaged.relative_to(tmp_path))
+
+
+RACED = 30
+
+
+def racing_identity() -> dict:
+    return identity(rows=RACED, shard_size=1, num_shards=RACED)
+
+
+def repair_all(directory, seed, start):
+    """Child process: open the cache and compute every shard it does not trust, to bytes of its own."""
+    start.wait()
+    manifest = Manifest.open(directory, racing_identity(), {}, overwrite=False)
+    for index in sorted(set(range(RACED)) - manifest.committed()):
+        records = make_records(1, first_id=index, seed=index + 1000 * seed, max_T=1)
+        manifest.commit(write_shard(directory, index, records, **spec_of(records, 500, False)))
+
+
+def test_writers_repairing_the_same_shards_at_once_leave_a_whole_cache(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    start.set()
+    repair_all(tmp_path, 0, start)
+    for path in (tmp_path / "shards").iterdir():
+        truncate(path)
+    start.clear()
+    workers = [context.Process(target=repair_all, args=(tmp_path, seed, start)) for seed in (1, 2)]
+    for worker in workers:
+        worker.start()
+    start.set()
+    for worker in workers:
+        worker.join(120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert Manifest.load(tmp_path, whole=True).committed() == set(range(RACED)) and verify_cache(tmp_path) == []
+
+
+def test_a_fifo_in_place_of_a_record_is_refused_without_blocking_and_replaced(tmp_path):
+    laid_out_cache(tmp_path)
+    commit_record(tmp_path, 0).unlink()
+    os.mkfifo(commit_record(tmp_path, 0))
+    with no_hang(), pytest.raises(MoekdError, match=r"shard-00000.json \(cache file\) is a FIFO, not a regular"):
+        Manifest.load(tmp_path)
+    with no_hang():
+        assert "is a FIFO" in verify_cache(tmp_path)[0]
+        resume(tmp_path)
+    assert verify_cache(tmp_path) == [] and commit_record(tmp_path, 0).is_file()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"manifest.json \(cache file\) is a directory, not a regular file"),
+    ("fifo", r"manifest.json \(cache file\) is a FIFO, not a regular file"),
+    ('{"a": ' * 100_000 + "1" + "}" * 100_000, "is nested more than 64 levels deep"),
+    ("[" * 65 + "]" * 65, "is nested more than 64 levels deep"),
+    ('{"format": "moekd-teacher-cache", "version": 3' + "0" * 5000 + "}", "holds a number of 5001 characters"),
+    ('{"format": "moekd-teacher-cache", "version": 1.' + "5" * 200 + "}", "holds a number of 202 characters"),
+])
+def test_a_manifest_that_is_not_what_it_claims_is_one_line(tmp_path, content, message):
+    if content is None:
+        (tmp_path / "manifest.json").mkdir()
+    elif content == "fifo":
+        os.mkfifo(tmp_path / "manifest.json")
+    else:
+        (tmp_path / "manifest.json").write_text(content)
+    with no_hang(), pytest.raises(MoekdError, match=message) as error:
+        Manifest.load(tmp_path)
+    assert "\n" not in str(error.value)
+    if content is not None:  # a writer told to overwrite replaces it (a directory it leaves for a person)
+        assert Manifest.open(tmp_path, laid_out_identity(), {}, overwrite=True).committed() == set()
+        assert Manifest.load(tmp_path).identity == laid_out_identity()
+
+
+def test_a_layout_that_does_not_add_up_is_malformed(tmp_path):
+    Manifest.open(tmp_path, identity(rows=ROWS, shard_size=SHARD_ROWS, num_shards=3), {}, overwrite=False)
+    with pytest.raises(MoekdError, match="identity.num_shards is 3, but 14 rows in shards of 4 make 4"):
+        Manifest.load(tmp_path)

@@ -67,7 +67,7 @@ def make_cache(directory: Path, teacher, data: PreparedData, k: int, routing: Ro
     vocab_size = teacher.get_output_embeddings().weight.shape[0]
     encoding = dict(vocab_size=vocab_size, k=k, num_samples=routing.samples, with_aggregate=False)
     identity = {"encoding": encoding_spec(**encoding), "tokenizer_fingerprint": data.tokenizer_fingerprint,
-                "data_fingerprint": data.fingerprint}
+                "data_fingerprint": data.fingerprint, "rows": len(data), "shard_size": shard_rows}
     manifest = Manifest.open(directory, identity, {}, overwrite=False)
     with RoutingHooks(teacher, routing) as hooks:
         for index, start in enumerate(range(0, len(data), shard_rows)):
@@ -256,6 +256,21 @@ def test_cache_kl_averages_the_samples_over_the_first_rows(tmp_path, test_split,
     result = cache_kl(model, cache, max_rows=5, batch_size=2)
     assert (result["rows"], result["tokens"]) == (5, tokens)
     assert result["kl"] == pytest.approx(total / tokens, rel=1e-4)
+
+
+def test_cache_kl_refuses_a_cache_missing_a_shard_or_holding_a_record_it_cannot_trust(tmp_path, full_cache,
+                                                                                    student_dir):
+    partial = Path(shutil.copytree(full_cache, tmp_path / "partial"))
+    (partial / "commits" / "shard-00002.json").unlink()  # as if its writer was killed before committing it
+    model = cpu_model(student_dir)
+    with pytest.raises(MoekdError, match=r"is incomplete: 4 of 5 shards committed; 1 missing \(2\)"):
+        cache_kl(model, partial)
+    with pytest.raises(MoekdError, match=r"is incomplete"):
+        cache_kl(model, partial, max_rows=4)  # even where the rows asked for are all there: the cache is broken
+    record = json.loads((full_cache / "commits" / "shard-00002.json").read_text()) | {"rows": 5}
+    (partial / "commits" / "shard-00002.json").write_text(json.dumps(record))
+    with pytest.raises(MoekdError, match="says shard 2 has 5 rows, but the identity's rows and shard_size give it 4"):
+        cache_kl(model, partial)
 
 
 # ---------------------------------------------------------------- the stage

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -160,6 +162,40 @@ def test_a_corrupt_shard_raises_in_the_consumer(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(MoekdError, match=f"shard-{broken:05d}"):
         consume(reader.batches(0))
+
+
+def growing_cache(directory, committed: int, shards: int = 4, rows: int = 5):
+    """A cache whose identity announces `shards` shards of `rows` rows, the first `committed` of them written."""
+    encoding = dict(vocab_size=VOCAB, k=K, num_samples=M, with_aggregate=False)
+    identity = {"encoding": encoding_spec(**encoding), "rows": shards * rows, "shard_size": rows,
+                "num_shards": shards}
+    manifest = Manifest.open(directory, identity, {}, overwrite=False)
+    for index in range(committed):
+        records = make_records(rows, M=M, k=K, vocab=VOCAB, max_T=4, seed=index, first_id=index * rows)
+        manifest.commit(write_shard(directory, index, records, **encoding))
+    return directory
+
+
+def test_a_followed_cache_that_stops_growing_is_given_up_on_after_one_timeout(tmp_path):
+    """The window after the committed ones has two missing shards, waited for by two threads: together they
+    wait `timeout` once, not once each."""
+    shards = CacheShards(growing_cache(tmp_path, committed=2), follow=True, poll_seconds=0.05, timeout=1.5)
+    reader = make_reader(tmp_path, shards, shuffle_shards=2)
+    started = time.monotonic()
+    with pytest.raises(MoekdError, match=r"waited 2s for shard [23] of the teacher cache .* \(2 of 4 committed\)"):
+        consume(reader.batches(0))
+    assert 1.5 <= time.monotonic() - started < 2.5
+
+
+def test_a_followed_cache_refuses_a_record_it_cannot_trust_at_once(tmp_path):
+    shards = CacheShards(growing_cache(tmp_path, committed=2), follow=True, poll_seconds=0.05, timeout=60)
+    growing_cache(tmp_path / "other", committed=3)  # the same identity: shard 2 as a writer would commit it
+    record = json.loads((tmp_path / "other/commits/shard-00002.json").read_text()) | {"rows": 3}
+    (tmp_path / "commits" / "shard-00002.json").write_text(json.dumps(record))
+    started = time.monotonic()
+    with pytest.raises(MoekdError, match="shard-00002.json says shard 2 has 3 rows, but the identity's rows"):
+        consume(make_reader(tmp_path, shards, shuffle_shards=2).batches(0))
+    assert time.monotonic() - started < 10
 
 
 def test_a_collate_error_raises_in_the_consumer(cache):

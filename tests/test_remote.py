@@ -1,10 +1,11 @@
 """Caches on object storage, against a real S3 server (SeaweedFS on loopback, `s3server.py`): the same bytes as
-on disk, resume after SIGKILL, concurrent writers, training while the cache is written, damage and bad
-credentials named."""
+on disk, resume after SIGKILL, concurrent writers, training while the cache is written, damage named and
+repaired, bounded reads, bad or missing credentials named, and only transient failures retried."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pipeline.cache_format import Manifest, verify_cache
 from pipeline.cli import main
 from pipeline.errors import MoekdError
 from pipeline.losses import LossConfig
+from pipeline.storage import RemoteStore
 from pipeline.training import OptimConfig
 from s3server import s3_bucket, s3_server  # noqa: F401 - fixtures
 from stages import train
@@ -178,3 +180,98 @@ def test_bad_credentials_a_missing_bucket_or_a_dead_endpoint_are_one_line(s3_ser
     assert "bucket does not exist" in refusal("s3://no-such-bucket-here/cache")
     dead = {"endpoint_url": "http://127.0.0.1:9"}
     assert "check the endpoint" in refusal(f"{bucket}/cache", client_kwargs=dead)
+
+
+def test_an_s3_cache_missing_a_record_or_holding_damage_is_refused_then_repaired_by_moekd_cache(
+        s3_server, bucket, local_cache, moe_dir, prepared, capsys):  # noqa: F811
+    url, fs = f"{bucket}/cache", s3_server.filesystem()
+    run_cache(url, moe_dir("mixtral"), prepared)
+    root, shards = url[5:], Manifest.load(url).shards
+    fs.rm_file(f"{root}/commits/shard-00002.json")  # its writer killed before it committed
+    record = json.loads(fs.cat_file(f"{root}/commits/shard-00003.json")) | {"rows": 3}
+    fs.pipe_file(f"{root}/commits/shard-00003.json", json.dumps(record).encode())
+    fs.pipe_file(f"{root}/{shards[5].file}", fs.cat_file(f"{root}/{shards[5].file}")[:100])
+    flipped = bytearray(fs.cat_file(f"{root}/{shards[7].file}"))
+    flipped[len(flipped) // 2] ^= 0x01
+    fs.pipe_file(f"{root}/{shards[7].file}", bytes(flipped))
+    problems = verify_cache(url)
+    assert "shard-00003.json says shard 3 has 3 rows, but the identity's rows and shard_size give it 4" in problems[0]
+    assert problems[1] == "1 of the 10 shards the identity announces have no commit record: 2"
+    assert [p.split(" (")[0] for p in problems[2:]] == ["shard 5", "shard 5", "shard 7"]  # size, Parquet; sha256
+    with pytest.raises(MoekdError, match="says shard 3 has 3 rows"):
+        Manifest.load(url)
+    capsys.readouterr()
+    run_cache(url, moe_dir("mixtral"), prepared, "verify=true")
+    out = capsys.readouterr().out
+    assert all(f"shard {index} is computed again" in out for index in (3, 5, 7))
+    assert verify_cache(url) == [] and objects(s3_server, url) == files(local_cache)
+
+
+def test_reads_from_a_bucket_are_bounded_and_an_empty_object_is_read(s3_server, bucket, moe_dir,  # noqa: F811
+                                                                     prepared):
+    url, fs = f"{bucket}/cache", s3_server.filesystem()
+    run_cache(url, moe_dir("mixtral"), prepared)
+    fs.pipe_file(f"{url[5:]}/commits/shard-00001.json", b"")  # S3 answers a ranged read of it with 416
+    fs.pipe_file(f"{url[5:]}/commits/shard-00002.json", b" " * (1 << 20))
+    problems = verify_cache(url)
+    assert "shard-00001.json is not valid JSON" in problems[0]
+    assert "shard-00002.json (cache file) is more than the 65536 bytes it may have" in problems[1]
+    run_cache(url, moe_dir("mixtral"), prepared)
+    assert verify_cache(url) == []
+
+
+def test_missing_credentials_are_named_as_such(s3_server, bucket, monkeypatch, capsys):  # noqa: F811
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(name, "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    options = {key: value for key, value in s3_server.storage_options().items() if key not in ("key", "secret")}
+    monkeypatch.setitem(fsspec.config.conf, "s3", options)
+    capsys.readouterr()
+    assert main(["verify", f"{bucket}/cache"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no credentials found" in err, err
+    assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in err and "endpoint" not in err
+
+
+class FailingFilesystem:
+    """An fsspec filesystem whose reads fail as s3fs reports an S3 error response, counting the attempts."""
+
+    protocol = "s3"
+
+    def __init__(self, status: int, code: str):
+        self.status, self.code, self.calls = status, code, 0
+
+    def size(self, path):
+        return 1000
+
+    def cat_file(self, path, start=None, end=None):
+        from botocore.exceptions import ClientError
+        from s3fs.errors import translate_boto_error
+
+        self.calls += 1
+        raise translate_boto_error(ClientError({"Error": {"Code": self.code, "Message": f"the server said {self.code}"},
+                                                "ResponseMetadata": {"HTTPStatusCode": self.status}}, "GetObject"))
+
+
+@pytest.mark.parametrize("status, code, attempts", [(400, "InvalidArgument", 1), (416, "InvalidRange", 1),
+                                                    (501, "NotImplemented", 1), (503, "SlowDown", 4),
+                                                    (500, "InternalError", 4), (400, "RequestTimeout", 4)])
+def test_only_transient_failures_are_retried(status, code, attempts, monkeypatch):
+    monkeypatch.setattr("pipeline.storage.time.sleep", lambda seconds: None)
+    failing = FailingFilesystem(status, code)
+    store = RemoteStore(failing, "bucket/cache", "s3://bucket/cache")
+    message = f"s3://bucket/cache/manifest.json: the server said {code} \\(HTTP {status}\\)"
+    with pytest.raises(MoekdError, match=message):
+        store.read("manifest.json", 1000)
+    assert failing.calls == attempts
+
+
+def test_offline_mode_is_one_line_at_once(capsys):
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # conftest: tests never reach a hub
+    started = time.monotonic()
+    assert main(["verify", "hf://datasets/someone/some-cache"]) == 2
+    err = capsys.readouterr().err
+    assert "offline mode is enabled" in err and "attempts" not in err and len(err.strip().splitlines()) == 1
+    assert time.monotonic() - started < 3  # four attempts would sleep 3.5 s
