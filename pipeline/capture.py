@@ -29,6 +29,9 @@ from pipeline.seeding import generator
 # Smaller than logprobs.CHUNK_TOKENS: the (chunk, V) work stays in cache. The float rounding of the
 # projection depends on the chunk, so changing it changes the bytes of every cache made from now on.
 CAPTURE_CHUNK_TOKENS = 256
+# The most tokens `teacher_draws` draws per target: it holds a chunk's draws at once, 8 bytes each (a few
+# copies of 128 MiB at this bound), and a cache stores their counts as int32.
+MAX_DRAWS = 1 << 16
 
 
 @torch.no_grad()
@@ -107,12 +110,12 @@ def teacher_draws(model, routing, batch: Batch, *, num_samples: int, draws: int,
     result, start = [], 0
     for seq_id, count in zip(batch.seq_ids, counts):
         g = generator(seed, "draws", seq_id)
-        drawn = [torch.zeros(0, draws, dtype=torch.long)]
+        parts = [distinct_counts(torch.zeros(0, draws, dtype=torch.long))]  # per chunk: only its draws are held
         for first in range(start, start + count, CAPTURE_CHUNK_TOKENS):
             chunk = hidden[:, first : min(first + CAPTURE_CHUNK_TOKENS, start + count)]
             probs = mixture_logprobs(model, chunk).exp().float().cpu()
-            drawn.append(torch.multinomial(probs, draws, replacement=True, generator=g))
-        result.append(distinct_counts(torch.cat(drawn)))
+            parts.append(distinct_counts(torch.multinomial(probs, draws, replacement=True, generator=g)))
+        result.append(tuple(np.concatenate(part) for part in zip(*parts)))
         start += count
     return result
 

@@ -22,6 +22,13 @@ and the engine runs eagerly (a compiled graph would not call the override).
 A router this cannot override (grouped or custom routing functions, other
 scoring, kernels that route internally) is refused when the engine starts,
 naming it: a probe forward checks that every layer's override ran.
+
+The override lives in the engine's worker processes (one per tensor- or
+expert-parallel rank): `WorkerExtension`'s methods, which vLLM mixes into its
+worker class, are called by name through `collective_rpc` with plain data
+(the routing settings as a dict, rebuilt into a `RoutingConfig` in each
+worker). Nothing is pickled on the way, so vLLM's default serialisation (no
+`VLLM_ALLOW_INSECURE_SERIALIZATION`) carries it to every rank.
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ import numpy as np
 import torch
 
 from pipeline.cache_format import TeacherRecord
+from pipeline.config import to_dict
 from pipeline.data import target_positions
-from pipeline.errors import MoekdError
+from pipeline.errors import MoekdError, first_line
 from pipeline.models import load_config
 from pipeline.routing import RoutingConfig, ka_draws, top_p_experts
 
@@ -80,8 +88,6 @@ class VllmTeacher:
                              "backend=transformers")
         if engine.tensor_parallel_size == 1:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
-        else:
-            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # to send the override to the workers
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.routing, self.k = routing, k
         options = dict(model=teacher, skip_tokenizer_init=True, dtype=dtype, enforce_eager=True, max_logprobs=k,
@@ -89,18 +95,27 @@ class VllmTeacher:
                        tensor_parallel_size=engine.tensor_parallel_size,
                        enable_expert_parallel=engine.enable_expert_parallel,
                        gpu_memory_utilization=engine.gpu_memory_utilization, max_num_seqs=engine.max_num_seqs,
-                       seed=routing.seed)
+                       seed=routing.seed, worker_extension_cls=f"{__name__}.{WorkerExtension.__name__}")
         if engine.max_num_batched_tokens is not None:
             options["max_num_batched_tokens"] = engine.max_num_batched_tokens
+        try:  # vLLM's own checks of its settings, in one line, before it starts a process
+            vllm.EngineArgs(**options).create_engine_config()
+        except ValueError as e:  # pydantic's ValidationError among them
+            raise MoekdError(f"vLLM refuses these engine settings: {vllm_reason(e)}") from None
         self.llm = vllm.LLM(**options)
         self.params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=k, flat_logprobs=True)
-        names = self.llm.collective_rpc(install_routing, args=(routing, record_choices))[0]
-        self.probe(names)
+        installed = self.llm.collective_rpc("moekd_install_routing", args=(to_dict(routing), record_choices))
+        refused = [problem for _, problem in installed if problem]
+        if refused:
+            raise MoekdError(refused[0])
+        self.probe(installed[0][0])
 
     def probe(self, names: list[str]) -> None:
-        """One short forward: every MoE layer's override must have run (else its kernel routes by itself)."""
+        """One short forward: every MoE layer's override must have run, in every worker (else its kernel routes
+        by itself)."""
         self.generate([([1, 2, 3, 4], 0, 0)])
-        missed = [name for name, calls in zip(names, self.llm.collective_rpc(override_calls)[0]) if not calls]
+        calls = zip(*self.llm.collective_rpc("moekd_override_calls"))  # per layer, each worker's count
+        missed = [name for name, counts in zip(names, calls) if not all(counts)]
         if missed:
             raise MoekdError(f"vLLM does not select experts through the router moekd overrides in {missed[0]} "
                              f"({len(missed)} of {len(names)} MoE layers): its kernel routes internally, so "
@@ -112,7 +127,7 @@ class VllmTeacher:
 
         base = self.llm.request_counter.counter  # vLLM names request i of this call str(base + i) (+ a suffix)
         table = {str(base + i): (seq_id, sample, len(ids)) for i, (ids, seq_id, sample) in enumerate(requests)}
-        self.llm.collective_rpc(set_requests, args=(table,))
+        self.llm.collective_rpc("moekd_set_requests", args=(table,))
         prompts = [TokensPrompt(prompt_token_ids=list(map(int, ids))) for ids, _, _ in requests]
         return self.llm.generate(prompts, self.params, use_tqdm=False)
 
@@ -129,10 +144,21 @@ class VllmTeacher:
                 topk_ids=np.stack([t[0] for t in tops]), topk_logprobs=np.stack([t[1] for t in tops])))
         return records
 
-    def choices(self) -> dict:
-        """(seq_id, sample, layer) -> {position: (experts chosen, router logits)} of the forwards so far
-        (`record_choices`)."""
-        return self.llm.collective_rpc(recorded_choices)[0]
+    def choices(self) -> list[list]:
+        """[seq_id, sample, layer, position, experts chosen, router logits] of the forwards so far
+        (`record_choices`), from the first worker (every worker routes alike)."""
+        return self.llm.collective_rpc("moekd_choices")[0]
+
+
+def vllm_reason(error: ValueError) -> str:
+    """Why vLLM refused a setting, in one line: pydantic's first error without its header and input dump."""
+    errors = getattr(error, "errors", None)
+    if not callable(errors):
+        return first_line(error)
+    first = errors()[0]
+    cause = first.get("ctx", {}).get("error")
+    where = ".".join(map(str, first.get("loc", ())))
+    return first_line(cause) if cause is not None else f"{where + ': ' if where else ''}{first['msg']}"
 
 
 def top_k(logprobs, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -219,43 +245,52 @@ class EngineRouting:
         return weights.float().contiguous(), ids.to(indices_type or torch.int32).contiguous()
 
 
-def install_routing(worker, routing: RoutingConfig, record: bool) -> list[str]:
-    """Worker side: override every MoE router of the model; the routers' names."""
-    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+class WorkerExtension:
+    """Methods vLLM adds to its worker class (`worker_extension_cls`), which `collective_rpc` calls by name in
+    every worker with plain data: installing the routing override and talking to it."""
 
-    runner = worker.model_runner
-    state = EngineRouting(runner, routing, record)
-    found = [(name, module.router) for name, module in runner.model.named_modules()
-             if isinstance(getattr(module, "router", None), BaseRouter)]
-    if not found and routing.mode != "topk":
-        raise MoekdError(f"vLLM's model has no MoE router moekd can override: routing.mode={routing.mode} needs one")
-    for name, router in found:
-        unsupported = (getattr(router, "use_grouped_topk", False) and "grouped top-k") or \
-            (getattr(router, "scoring_func", "softmax") != "softmax" and f"{router.scoring_func} scores") or \
-            (getattr(router, "custom_routing_function", None) is not None and "a custom routing function") or \
-            (getattr(router, "e_score_correction_bias", None) is not None and "a selection bias")
-        if unsupported and routing.mode != "topk":
-            raise MoekdError(f"{name}: vLLM routes this family with {unsupported}, which moekd's vLLM backend does not "
-                             f"reproduce for routing.mode={routing.mode}; use backend=transformers")
-    state.experts = [router.global_num_experts for _, router in found]
-    state.calls = [0] * len(found)
-    for layer, (_, router) in enumerate(found):
-        router._compute_routing = partial(state.route, layer, router, router._compute_routing)
-    runner.model.register_forward_pre_hook(state.begin, with_kwargs=True)
-    worker.moekd_routing = state
-    return [name for name, _ in found]
+    def moekd_install_routing(self, routing: dict, record: bool) -> tuple[list[str], str | None]:
+        """Override every MoE router of this worker's model with `routing` (`to_dict` of a RoutingConfig);
+        the routers' names, and why the routing cannot be applied (None if it can). A refusal is returned, not
+        raised: an exception in a worker of a multi-process engine kills the engine, burying the reason."""
+        from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 
+        routing = RoutingConfig(**routing)
+        runner = self.model_runner
+        state = EngineRouting(runner, routing, record)
+        found = [(name, module.router) for name, module in runner.model.named_modules()
+                 if isinstance(getattr(module, "router", None), BaseRouter)]
+        names = [name for name, _ in found]
+        if not found and routing.mode != "topk":
+            return names, (f"vLLM's model has no MoE router moekd can override: routing.mode={routing.mode} "
+                           "needs one")
+        for name, router in found:
+            unsupported = (getattr(router, "use_grouped_topk", False) and "grouped top-k") or \
+                (getattr(router, "scoring_func", "softmax") != "softmax" and f"{router.scoring_func} scores") or \
+                (getattr(router, "custom_routing_function", None) is not None and "a custom routing function") or \
+                (getattr(router, "e_score_correction_bias", None) is not None and "a selection bias")
+            if unsupported and routing.mode != "topk":
+                return names, (f"{name}: vLLM routes this family with {unsupported}, which moekd's vLLM backend "
+                               f"does not reproduce for routing.mode={routing.mode}; use backend=transformers")
+        state.experts = [router.global_num_experts for _, router in found]
+        state.calls = [0] * len(found)
+        for layer, (_, router) in enumerate(found):
+            router._compute_routing = partial(state.route, layer, router, router._compute_routing)
+        runner.model.register_forward_pre_hook(state.begin, with_kwargs=True)
+        self.moekd_routing = state
+        return names, None
 
-def set_requests(worker, table: dict) -> None:
-    """Worker side: the requests of the next generate call, by vLLM request-id prefix."""
-    state = worker.moekd_routing
-    state.requests = table
-    state.draws, state.chosen = {}, {}
+    def moekd_set_requests(self, table: dict) -> None:
+        """The requests of the next generate call: vLLM request-id prefix -> (seq_id, sample, length)."""
+        state = self.moekd_routing
+        state.requests = table
+        state.draws, state.chosen = {}, {}
 
+    def moekd_override_calls(self) -> list[int]:
+        """How often each MoE layer's override has run."""
+        return list(self.moekd_routing.calls)
 
-def override_calls(worker) -> list[int]:
-    return list(worker.moekd_routing.calls)
-
-
-def recorded_choices(worker) -> dict:
-    return dict(worker.moekd_routing.chosen)
+    def moekd_choices(self) -> list[list]:
+        """The recorded routing choices, as `VllmTeacher.choices` gives them."""
+        return [[*key, position, ids, logits] for key, rows in self.moekd_routing.chosen.items()
+                for position, (ids, logits) in rows.items()]

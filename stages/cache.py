@@ -18,6 +18,14 @@ cache is the same.
 forward (`pipeline.vllm_teacher`): the same shards, routing modes and KA
 draws, at engine speed on GPUs; it is part of the cache's identity.
 
+Settings are checked before anything is written: the config's own checks,
+then those only the teacher can make (the routing hooks on the model, or the
+vLLM engine started with the routing override: vLLM's checks of its settings
+and the override's refusals). A run refused on its settings leaves no
+manifest or claim behind, so a run with other settings into the same output
+is not blocked. (Resuming this very cache, the engine starts only once there
+is a shard to write.)
+
 `routers` (a `moekd sar` routers file) runs the teacher with the routers SAR
 adapted to a student, loaded onto the original teacher after it is read
 (`pipeline.routers.apply_routers`, which refuses a file trained on another
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import socket
 import time
@@ -41,7 +50,7 @@ from tqdm import tqdm
 
 from pipeline.batch import collate_examples
 from pipeline.cache_format import CLAIMS, COMMITS, SHARDS, Manifest, encoding_spec, write_shard
-from pipeline.capture import capture_batch
+from pipeline.capture import MAX_DRAWS, capture_batch
 from pipeline.config import to_dict
 from pipeline.data import PreparedData
 from pipeline.distributed import owned, worker_slot
@@ -79,11 +88,15 @@ class Config:
     worker: int | None = None
     num_workers: int | None = None
     overwrite: bool = False  # replace a cache made with another teacher/data/config
+    verify: bool = False  # on resume, check every committed shard as `moekd verify` does (else its size only)
     trust_remote_code: bool = False  # let the model/tokenizer directories run their own Python code (off: never)
 
     def __post_init__(self):
         if self.top_k < 1 or self.shard_size < 1 or self.batch_size < 1 or self.draws < 1:
             raise ValueError("top_k, draws, shard_size and batch_size must be positive")
+        if self.storage == "sampled" and self.draws > MAX_DRAWS:
+            raise ValueError(f"draws={self.draws} exceeds {MAX_DRAWS}, the most tokens per target the sampler draws "
+                             "(it holds them in memory)")
         if self.aggregate and self.routing.mode != "ka":
             raise ValueError("aggregate=true needs routing.mode=ka (it averages the KA samples)")
         if self.storage == "sampled" and self.aggregate:
@@ -141,19 +154,14 @@ def run(config: Config) -> dict:
         identity["backend"] = {"name": "vllm", **to_dict(config.engine)}
     info = {"teacher_path": config.teacher, "routers_path": config.routers, "data_path": config.data,
             "device": device.type}
-    manifest = Manifest.open(config.output, identity, info, config.overwrite)
-    todo = [s for s in owned(range(num_shards), worker, num_workers) if s not in manifest.committed()]
-    print(
-        f"cache: {num_shards} shards of {config.shard_size} sequences, {len(manifest.committed())} already "
-        f"committed; worker {worker}/{num_workers} has {len(todo)} to write "
-        f"(routing={config.routing.mode}, M={num_samples}, "
-        + (f"{config.draws} draws)" if config.storage == "sampled" else f"k={config.top_k})")
-    )
     with contextlib.ExitStack() as stack:
+        # Settings only the teacher can check are checked before the manifest is written, so a run that fails on
+        # them leaves nothing that a run with other settings would have to overwrite.
         if config.backend == "vllm":
-            # started at the first shard to write: a finished cache costs no engine start-up
             engine = functools.cache(lambda: VllmTeacher(config.teacher, config.routing, config.engine,
                                                          str(dtype).removeprefix("torch."), config.top_k))
+            if writes_manifest(config.output, identity, config.overwrite):
+                engine()  # else it starts once there is a shard to write: a finished cache costs no start-up
 
             def records(examples, bar):
                 out = engine().records(examples, num_samples)
@@ -162,9 +170,29 @@ def run(config: Config) -> dict:
         else:
             routing = stack.enter_context(RoutingHooks(model, config.routing))
             records = functools.partial(teacher_records, config, model, routing, num_samples, pad_token_id(tokenizer))
+        manifest = Manifest.open(config.output, identity, info, config.overwrite, config.verify)
+        todo = [s for s in owned(range(num_shards), worker, num_workers) if s not in manifest.committed()]
+        print(
+            f"cache: {num_shards} shards of {config.shard_size} sequences, {len(manifest.committed())} already "
+            f"committed; worker {worker}/{num_workers} has {len(todo)} to write "
+            f"(routing={config.routing.mode}, M={num_samples}, "
+            + (f"{config.draws} draws)" if config.storage == "sampled" else f"k={config.top_k})")
+        )
+        if config.backend == "vllm" and todo:
+            engine()  # before any shard is claimed
         stats = write_shards(config, data, records, manifest, todo, vocabulary)
     print_summary(stats, num_samples)
     return stats
+
+
+def writes_manifest(output: str, identity: dict, overwrite: bool) -> bool:
+    """Whether `Manifest.open` will write a manifest at `output` (there is none readable, or with `overwrite`
+    another cache's, to replace) rather than resume this cache or refuse another's."""
+    try:
+        stored = Manifest.load(output, with_shards=False).identity
+    except MoekdError:  # none there, or unreadable: created, or (unreadable, without overwrite) refused
+        return True
+    return overwrite and stored != json.loads(json.dumps(identity))  # compared as it reads back from JSON
 
 
 def write_shards(config, data, records, manifest, todo, vocab_size) -> dict:

@@ -14,7 +14,7 @@ import torch
 import fixtures
 from pipeline.batch import collate_examples, collate_records
 from pipeline.cache_format import Manifest, read_shard, verify_cache, write_shard
-from pipeline.capture import mixture_logprobs, sample_hidden, teacher_draws
+from pipeline.capture import MAX_DRAWS, mixture_logprobs, sample_hidden, teacher_draws
 from pipeline.cli import main
 from pipeline.data import PreparedData
 from pipeline.errors import MoekdError
@@ -95,6 +95,10 @@ def test_a_sampled_cache_is_small_exact_on_rerun_and_verified(tmp_path, referenc
     manifest = Manifest.load(reference)
     assert manifest.identity["encoding"]["storage"] == "sampled" and verify_cache(reference) == []
     again = tmp_path / "again"
+    absurd = [setting for setting in SAMPLED if not setting.startswith("draws=")] + [f"draws={MAX_DRAWS + 1}"]
+    with pytest.raises(MoekdError, match=f"draws={MAX_DRAWS + 1} exceeds {MAX_DRAWS}, the most tokens per target"):
+        run_cache(again, moe_dir("mixtral"), prepared, *absurd, "shard_size=2")
+    assert not again.exists()  # refused before anything is written: it does not block the run below
     run_cache(again, moe_dir("mixtral"), prepared, *SAMPLED, "shard_size=2")
     assert fixtures.cache_files(again) == fixtures.cache_files(reference)
     run_cache(tmp_path / "split", moe_dir("mixtral"), prepared, *SAMPLED, "shard_size=2", "worker=1", "num_workers=2")
@@ -132,7 +136,7 @@ def test_training_from_a_sampled_cache_and_its_refusals(tmp_path, reference, stu
     assert len(records) == 4 and all(r["kd"] > 0 for r in records)
     batch = collate_records(Manifest.load(reference).read_shard(0), 0)
     assert batch.teacher_logprobs is None and torch.allclose(batch.teacher_weights.sum(-1), torch.ones(1))
-    for override in ("loss.divergence=reverse_kl", "loss.temperature=2", "ka_samples=one"):
+    for override in ("loss.divergence=reverse_kl", "loss.temperature=2", "ka_samples=one", "ka_samples=aggregate"):
         capsys.readouterr()
         assert main([*args[:2], *args[2:], override, "--output", str(tmp_path / override)]) == 2
         assert "is a sampled cache" in capsys.readouterr().err

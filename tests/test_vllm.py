@@ -1,6 +1,7 @@
 """Stage one on vLLM (`backend=vllm`), in vLLM's CPU build (`.venv-vllm`, scripts/setup_vllm.sh), fp32, tiny
-random models: the transformers cache again (every routing mode), the same KA draws however the engine batches,
-the KA distribution, resume after SIGKILL, refusals.
+random models: the transformers cache again (every routing mode), the same cache from a tensor-parallel engine,
+the same KA draws however the engine batches, the KA distribution, resume after SIGKILL, refusals (which write
+nothing).
 
 vLLM runs in its own environment (it pins its own transformers), so each test runs `moekd cache` or
 `tests/vllm_probe.py` there as a subprocess and compares with the transformers backend run here.
@@ -32,6 +33,7 @@ YARN = {"rope_type": "yarn", "factor": 2.0, "beta_fast": 32.0, "beta_slow": 1.0,
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"]
 ENV = fixtures.SUBPROCESS_ENV | {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"}
 FP16_STEP = 2.0**-10  # two values a float16 rounding apart differ by at most this, relatively
+KA = ["routing.mode=ka", "routing.samples=2", "routing.lam=0.5", "routing.seed=3"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,6 +59,24 @@ def teachers(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tokenizer_dir) -> Path:
     return fixtures.prepared_records(tmp_path_factory.mktemp("vllm"), tokenizer_dir, 16, seed=2)
+
+
+@pytest.fixture(scope="module")
+def vllm_caches(tmp_path_factory):
+    """Factory: `vllm_caches(teacher, data, *settings)` is the vLLM cache made with those settings, made once per
+    module (tests compare several runs against the same one)."""
+    made = {}
+
+    def get(teacher: Path, data: Path, *extra: str) -> Path:
+        key = (str(teacher), str(data), extra)
+        if key not in made:
+            output = tmp_path_factory.mktemp("vllm") / "cache"
+            result = vllm_cache(output, teacher, data, *extra)
+            assert result.returncode == 0, result.stderr[-3000:]
+            made[key] = output
+        return made[key]
+
+    return get
 
 
 def vllm_cache(output: Path, teacher: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -90,12 +110,11 @@ def assert_same_distributions(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_topk_routing_gives_the_transformers_cache(tmp_path, teachers, prepared, family):
+def test_topk_routing_gives_the_transformers_cache(tmp_path, teachers, prepared, vllm_caches, family):
     reference = transformers_cache(tmp_path / "transformers", teachers(family), prepared)
-    result = vllm_cache(tmp_path / "vllm", teachers(family), prepared)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_distributions(reference, tmp_path / "vllm")
-    identity = Manifest.load(tmp_path / "vllm").identity
+    engine = vllm_caches(teachers(family), prepared)
+    assert_same_distributions(reference, engine)
+    identity = Manifest.load(engine).identity
     assert identity["backend"]["name"] == "vllm" and "backend" not in Manifest.load(reference).identity
 
 
@@ -109,16 +128,24 @@ def test_every_expert_or_top_p_gives_the_transformers_cache(tmp_path, teachers, 
     assert_same_distributions(reference, tmp_path / "vllm")
 
 
-def test_ka_gives_the_transformers_cache_with_the_same_draws(tmp_path, teachers, prepared):
-    ka = ["routing.mode=ka", "routing.samples=2", "routing.lam=0.5", "routing.seed=3"]
+def test_ka_gives_the_transformers_cache_with_the_same_draws(tmp_path, teachers, prepared, vllm_caches):
     reference = transformers_cache(tmp_path / "transformers", teachers("mixtral"), prepared,
                                    routing=RoutingConfig(mode="ka", samples=2, lam=0.5, seed=3))
-    result = vllm_cache(tmp_path / "vllm", teachers("mixtral"), prepared, *ka)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_distributions(reference, tmp_path / "vllm")
+    assert_same_distributions(reference, vllm_caches(teachers("mixtral"), prepared, *KA))
     without = transformers_cache(tmp_path / "topk", teachers("mixtral"), prepared)
     assert not all(np.allclose(x.topk_logprobs[0], y.topk_logprobs[0], atol=1e-2)  # KA really moved something
                    for x, y in zip(records(without), records(reference)))
+
+
+@pytest.mark.parametrize("routing", [[], KA], ids=["topk", "ka"])
+def test_a_tensor_parallel_engine_gives_the_single_worker_cache(tmp_path, teachers, prepared, vllm_caches, routing):
+    """Two worker processes, each with half of every layer: the routing override reaches both (KA's choices
+    must agree across them, or their halves would mix different experts) and the cache is the one-worker one."""
+    result = vllm_cache(tmp_path / "tp2", teachers("mixtral"), prepared, *routing, "engine.tensor_parallel_size=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in result.stderr  # nothing was pickled to reach the workers
+    assert_same_distributions(vllm_caches(teachers("mixtral"), prepared, *routing), tmp_path / "tp2")
+    assert Manifest.load(tmp_path / "tp2").identity["backend"]["tensor_parallel_size"] == 2
 
 
 def probe(tmp_path: Path, teacher: Path, data: Path, routing: dict, engine: dict) -> dict:
@@ -186,3 +213,26 @@ def test_what_vllm_cannot_do_is_refused_in_one_line(tmp_path, teachers, prepared
     assert result.returncode == 2 and "does not take model type 'deepseek_v3'" in result.stderr
     with pytest.raises(ValueError, match="engine settings apply to backend=vllm only"):
         cache.Config(output="x", teacher="t", data="d", engine={"max_num_seqs": 4})
+
+
+def refusal(result: subprocess.CompletedProcess) -> str:
+    """The one-line error of a `moekd cache` run refused with exit status 2 (vLLM logs around it)."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("moekd cache: error: ")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+def test_settings_vllm_refuses_write_nothing(tmp_path, teachers, prepared, tokenizer_dir):
+    """Refused by vLLM's own checks, or inside a tensor-parallel engine's workers: a one-line error, no manifest
+    and no claim, so a run with sane settings into the same output is not blocked."""
+    output = tmp_path / "cache"
+    result = vllm_cache(output, teachers("mixtral"), prepared, "engine.max_num_batched_tokens=16")
+    assert refusal(result).endswith("vLLM refuses these engine settings: max_num_batched_tokens (16) must be "
+                                    "greater than or equal to max_num_seqs (256).")
+    assert not output.exists()
+    dense = fixtures.make_student(tmp_path / "dense", tokenizer_dir, **SHAPES)  # no router for KA to override
+    result = vllm_cache(output, dense, prepared, "routing.mode=ka", "engine.tensor_parallel_size=2")
+    assert "has no MoE router moekd can override: routing.mode=ka needs one" in refusal(result)
+    assert not output.exists()
+    transformers_cache(output, dense, prepared)
+    assert Manifest.load(output).committed() == set(range(4))

@@ -22,8 +22,7 @@ def main() -> None:
     json.dump({
         "records": [{"seq_id": r.seq_id, "positions": r.positions.tolist(), "ids": r.topk_ids.tolist(),
                      "logprobs": r.topk_logprobs.tolist()} for r in records],
-        "choices": [[*key, position, ids, logits] for key, rows in teacher.choices().items()
-                    for position, (ids, logits) in rows.items()],
+        "choices": teacher.choices(),
     }, open(out, "w"))
 
 
