@@ -11,31 +11,45 @@ its teacher (`pipeline.teacher`) and its step, and the run does the rest.
 - Mixed precision is bfloat16 autocast over float32 weights and AdamW state
   (and, under FSDP, parameters gathered in bfloat16).
 - A checkpoint is a directory `step-NNNNNNNN/`: the student (save_pretrained,
-  so `moekd eval` can load it), its tokenizer and `trainer.pt` (the whole
+  so `moekd eval` can load it), its tokenizer, `trainer.pt` (the whole
   optimizer state by parameter name, step, the reader's position, every
   rank's RNG states, ...), whatever the ranks and their kind, so it resumes
-  on any number of ranks. It is written
-  under a temporary name, fsynced and renamed, so a listed checkpoint is whole.
+  on any number of ranks and with either kind, and, written last,
+  `checkpoint.json`: its step and each of its files' size and sha256. Rank 0
+  gathers and writes it all under a temporary name, fsynced and renamed.
+- A checkpoint is trusted by what it holds, not by its name: rank 0, holding
+  the run's lock, resumes from the newest one whose record checks out (its
+  own step, exactly its files, their sizes and digests) and passes over
+  newer ones that do not, with a warning; every rank then checks that the
+  trainer state it loads is that step's. Entries named like checkpoints
+  that are not directories are none, and whatever is named like a later
+  checkpoint than the one resumed goes when the run goes on. A run none of
+  whose checkpoints checks out (or whose checkpoints have no record: an
+  older moekd's) is refused unless overwrite, which starts it afresh.
 - A run directory holds run.json (the settings that decide the numbers, the
   ranks it last ran on, and the run's inputs by content), run.lock (held by
   the process running it), metrics.jsonl, checkpoints/ and final/. A re-run
   with the same settings resumes from the newest checkpoint (or finds the run
-  finished); other settings are refused unless overwrite, which starts
-  afresh; other inputs (another cache, data, teacher or starting student)
-  always.
+  finished), wherever the directory now lies and whichever `parallel`;
+  other settings are refused unless overwrite, which starts afresh; other
+  inputs (another cache, data, teacher or starting student) always.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import gc
+import hashlib
 import json
 import math
+import os
 import pickle
 import re
 import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +58,7 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -63,7 +78,8 @@ from pipeline.batch import Batch, make_batch, pack
 from pipeline.data import PreparedData
 from pipeline.evaluation import cache_kl, response_loss
 from pipeline.files import (
-    FileLock, atomic_directory, atomic_write_bytes, atomic_write_json, read_json, remove_stale_directories,
+    FileLock, atomic_directory, atomic_write_bytes, atomic_write_json, disk_full, json_bytes, open_confined,
+    parse_json, read_confined, read_json, remove_stale_directories, sha256_file,
 )
 from pipeline.logprobs import target_hidden, vocab_logprobs, vocab_size
 from pipeline.losses import LossConfig, distillation_loss
@@ -75,6 +91,8 @@ from pipeline.seeding import derive_seed, rng_state, seed_everything, set_rng_st
 from pipeline.teacher import MadeWith, cache_inputs, cache_made_with, check_tokenizer
 
 TRAINER_STATE = "trainer.pt"
+CHECKPOINT_RECORD = "checkpoint.json"  # a checkpoint's step and its files' sizes and sha256, written last
+RECORD_LIMIT = 1 << 20  # bytes: a record lists a few files (a sharded student's thousands fit)
 CHECKPOINT_NAME = re.compile(r"step-(\d{8})")
 RUN_FILE = "run.json"
 RUN_LOCK = "run.lock"  # held by the one process that runs in the directory
@@ -82,12 +100,15 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 FINISHED = "finished"
-# Settings that change neither the losses nor the weights: a run may resume with other values.
 # The reader's next (epoch, batch, the changes of world size in that epoch: (ranks before, batches each took))
 Position = tuple[int, int, tuple[tuple[int, int], ...]]
 FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)  # a sharded state gathered whole, rank 0
-RESUMABLE_WITH_CHANGES = ("overwrite", "save_every", "keep_checkpoints", "keep_checkpoints_at_end", "prefetch",
-                          "trust_remote_code", "follow_timeout")
+# Settings that change neither the losses nor the weights: a run may resume with other values. `output` is
+# where the run lies (a run directory moved or copied resumes; its inputs are compared by content), and
+# `parallel` how its ranks hold the student (checkpoints hold the whole state either way; the number of
+# ranks may change too).
+RESUMABLE_WITH_CHANGES = ("output", "parallel", "overwrite", "save_every", "keep_checkpoints",
+                          "keep_checkpoints_at_end", "prefetch", "trust_remote_code", "follow_timeout")
 
 
 @dataclass
@@ -460,30 +481,139 @@ class Trainer:
 
 # ---------------------------------------------------------------- checkpoints
 
-def checkpoints(directory: Path) -> list[Path]:
-    """The complete checkpoints in `directory`, oldest first."""
+def checkpoint_entries(directory: Path) -> list[Path]:
+    """Every entry of `directory` named like a checkpoint (`step-NNNNNNNN`), whatever it is, oldest first."""
     if not Path(directory).is_dir():
         return []
-    found = [p for p in Path(directory).iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and (p / TRAINER_STATE).is_file()]
-    return sorted(found)
+    return sorted(p for p in Path(directory).iterdir() if CHECKPOINT_NAME.fullmatch(p.name))
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint's name says."""
+    return int(CHECKPOINT_NAME.fullmatch(Path(path).name)[1])
+
+
+def remove_entry(path: Path) -> None:
+    """Delete `path`: a directory with its contents; a link itself, never what it points to."""
+    if Path(path).is_dir() and not Path(path).is_symlink():
+        shutil.rmtree(path)
+    else:
+        Path(path).unlink(missing_ok=True)
 
 
 def save_checkpoint(directory: Path, step: int, model, tokenizer, state: dict, keep: int,
                     weights: dict | None = None) -> Path:
-    """Write checkpoint `step` (the model, with `weights` where it does not hold them whole, its tokenizer
-    and `state`), then drop all but the newest `keep`."""
+    """Write checkpoint `step` (the model, with `weights` where it does not hold them whole, its tokenizer,
+    `state` and, last, its record), then drop all but the newest `keep`. A failed write leaves the earlier
+    checkpoints as they were and is one line (a full disk: `files.disk_full`'s)."""
     path = Path(directory) / f"step-{step:08d}"
     try:
         with atomic_directory(path) as tmp:
             model.save_pretrained(tmp, state_dict=weights)
             tokenizer.save_pretrained(tmp)
-            torch.save(state, tmp / TRAINER_STATE)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        raise MoekdError(f"could not write checkpoint {path} ({first_line(e)}; is the disk full?); the earlier "
-                         "checkpoints are intact: free some space and re-run the same command to resume") from None
-    for old in checkpoints(directory)[:-keep]:
-        shutil.rmtree(old)
+            with open(tmp / TRAINER_STATE, "wb") as f:  # torch.save on a path loses a failed write's errno
+                torch.save(state, f)
+            # last, and plainly: the directory's rename commits it with the rest
+            (tmp / CHECKPOINT_RECORD).write_bytes(json_bytes(checkpoint_record(tmp, step)))
+    except (OSError, RuntimeError, SafetensorError) as e:  # each writer reports a failed write its own way
+        if failed_errno(e) == errno.ENOSPC:
+            raise disk_full(path) from None
+        raise MoekdError(f"could not write checkpoint {path} ({type(e).__name__}: {first_line(e)}); the earlier "
+                         "checkpoints are intact: re-run the same command to resume") from None
+    for old in checkpoint_entries(directory)[:-keep]:
+        remove_entry(old)
     return path
+
+
+# Rust's io::Error, which safetensors reports as text only, ends its message with "(os error N)".
+OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")
+
+
+def failed_errno(error: BaseException | None) -> int | None:
+    """The errno behind a failed write: an OSError's own, one in the exceptions it came from (torch.save on a
+    file object raises a RuntimeError from the file's OSError), or one a library gave as text (safetensors)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error.errno
+        if match := OS_ERROR_IN_TEXT.search(str(error)):
+            return int(match[1])
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def checkpoint_record(directory: Path, step: int) -> dict:
+    """What a checkpoint says of itself: its step and every file it holds (relative path: size, sha256)."""
+    files, _ = directory_files(directory)
+    return {"step": step, "files": {name: {"size": path.stat().st_size, "sha256": sha256_file(path)}
+                                    for name, path in files.items() if name != CHECKPOINT_RECORD}}
+
+
+def directory_files(directory: Path) -> tuple[dict[str, Path], list[str]]:
+    """(every regular file below `directory` by its relative path, the relative paths of what is neither a
+    regular file nor a directory there: links, pipes, ...); links are not followed."""
+    files, others = {}, []
+    for root, dirs, names in os.walk(directory):
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            path = Path(root, name)
+            relative = path.relative_to(directory).as_posix()
+            if path.is_symlink() or not path.is_file():
+                others.append(relative)
+            else:
+                files[relative] = path
+    return files, sorted(others)
+
+
+def check_checkpoint(path: Path) -> None:
+    """Refuse (a MoekdError saying why) a checkpoint directory that does not check out: its record (written
+    last) must name its own step and exactly the files it holds, each of that size and sha256, among them
+    the trainer state and the student's config and safetensors weights."""
+    try:
+        raw = read_confined(path, CHECKPOINT_RECORD, "checkpoint record", RECORD_LIMIT)
+    except FileNotFoundError:
+        raise MoekdError(f"it has no {CHECKPOINT_RECORD} (written by a moekd that did not record what its "
+                         "checkpoints hold, or not by moekd)") from None
+    record = parse_json(raw, f"its {CHECKPOINT_RECORD}")
+    if not (isinstance(record, dict) and type(record.get("step")) is int and isinstance(record.get("files"), dict)
+            and all(isinstance(entry, dict) and type(entry.get("size")) is int and isinstance(entry.get("sha256"), str)
+                    for entry in record["files"].values())):
+        raise MoekdError(f"its {CHECKPOINT_RECORD} is not a record of a step and of its files' sizes and sha256")
+    if record["step"] != checkpoint_step(path):
+        raise MoekdError(f"its {CHECKPOINT_RECORD} is that of step {record['step']}")
+    listed, (files, others) = record["files"], directory_files(path)
+    files.pop(CHECKPOINT_RECORD, None)
+    unlisted, absent = sorted(set(files) - set(listed)), sorted(set(listed) - set(files))
+    if others:
+        raise MoekdError(f"{others[0]} is a link, or not a regular file")
+    if unlisted:
+        raise MoekdError(f"it holds {unlisted[0]}, which its {CHECKPOINT_RECORD} does not list")
+    if absent:
+        raise MoekdError(f"it lacks {absent[0]}")
+    if TRAINER_STATE not in listed or "config.json" not in listed or not any(
+            name.endswith(".safetensors") for name in listed):
+        raise MoekdError(f"its {CHECKPOINT_RECORD} lacks the trainer state, the config or the weights")
+    for name in sorted(listed):  # every size before any hash: a cut file is found at once
+        if files[name].stat().st_size != listed[name]["size"]:
+            raise MoekdError(f"{name} is {files[name].stat().st_size} bytes, and its record says "
+                             f"{listed[name]['size']}")
+    for name in sorted(listed):
+        with os.fdopen(open_confined(path, name, "checkpoint file"), "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != listed[name]["sha256"]:
+                raise MoekdError(f"{name} is not the file its record gives the sha256 of")
+
+
+def newest_sound_checkpoint(directory: Path) -> tuple[str | None, list[str]]:
+    """(the newest checkpoint in `directory` that checks out (`check_checkpoint`), or None; one line for
+    each newer checkpoint directory that does not). Entries that are not directories (a stray file or link
+    named like a checkpoint) are no checkpoints."""
+    skipped = []
+    for path in reversed(checkpoint_entries(directory)):
+        if path.is_dir() and not path.is_symlink():
+            try:
+                check_checkpoint(path)
+                return str(path), skipped
+            except (MoekdError, OSError) as e:  # OSError: a file went or cannot be read while it is checked
+                skipped.append(f"{path} does not check out: {first_line(e)}")
+    return None, skipped
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
@@ -500,7 +630,8 @@ def load_trainer_state(checkpoint: Path) -> dict:
 def save_run_checkpoint(directory: Path, processes: Distributed, model, tokenizer, keep: int, parts: dict,
                         position: Position, tokens: int) -> None:
     """Checkpoint the step just taken: `model`, and in trainer.pt each part's state_dict() by its name, the
-    reader's next `position`, the `tokens` so far and every rank's RNG states (every rank calls this)."""
+    reader's next `position`, the `tokens` so far and every rank's RNG states (every rank calls this; rank 0
+    gathers and writes it all, its record included)."""
     epoch, first, history = position
     state = {"position": [epoch, first, [list(change) for change in history]], "world_size": processes.world_size,
              "tokens": tokens, "rng": processes.gather(rng_state())}
@@ -514,12 +645,21 @@ def resume(latest: str | None, processes: Distributed, seed: int, parts: dict) -
     """(position, tokens) of checkpoint `latest`, after loading its states into `parts` and this rank's RNGs;
     without one, ((0, 0, ()), 0) after seeding this rank's RNGs from `seed`.
 
-    A checkpoint of another number of ranks resumes too: the rest of its epoch is shared out among these
-    ranks (`Reader.work`), whose RNGs are seeded afresh from (seed, rank, step)."""
+    Rank 0 checked the checkpoint before choosing it (`newest_sound_checkpoint`); every rank checks that the
+    trainer state it loads is that of the checkpoint's step. A checkpoint of another number of ranks resumes
+    too: the rest of its epoch is shared out among these ranks (`Reader.work`), whose RNGs are seeded afresh
+    from (seed, rank, step)."""
     if latest is None:
         seed_everything(derive_seed(seed, "rank", processes.rank))
         return (0, 0, ()), 0
     state = load_trainer_state(latest)
+    missing = sorted({"position", "world_size", "tokens", "rng", *parts} - set(state))
+    if missing:
+        raise MoekdError(f"{Path(latest) / TRAINER_STATE} lacks {', '.join(missing)}: it is not this run's")
+    steps_done = state["trainer"].get("steps_done") if isinstance(state["trainer"], dict) else None
+    if steps_done != checkpoint_step(latest):
+        raise MoekdError(f"{Path(latest) / TRAINER_STATE} is the state after step {steps_done}, not after step "
+                         f"{checkpoint_step(latest)}: it is not this checkpoint's")
     for name, part in parts.items():
         part.load_state_dict(state[name])
     epoch, first, history = state["position"]
@@ -531,32 +671,49 @@ def resume(latest: str | None, processes: Distributed, seed: int, parts: dict) -
     return (epoch, 0, (*history, (state["world_size"], first))), state["tokens"]
 
 
+# ---------------------------------------------------------------- reading what others may have written
+
 # ---------------------------------------------------------------- metrics
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per optimizer step ("step" = steps done).
 
     A log rather than a commit: lines are appended and flushed as steps end.
-    A resumed run first cuts it back to its checkpoint (atomically), which
-    also drops a line torn by a kill, so no step is ever listed twice.
+    A resumed run first cuts it back to its checkpoint (atomically), so no
+    step is ever listed twice; a line that is not a JSON object with an
+    integer step (not UTF-8, torn, ...) goes then: silently when it is the
+    last line (what a kill mid-write leaves), with a warning naming it when
+    it is another (the file was damaged), so that it never blocks a resume.
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
-    def keep_until(self, step: int) -> None:
+    def keep_until(self, step: int, warn: Callable[[str], None]) -> None:
+        """Keep the lines of steps 1 to `step` (none: a run starting afresh), dropping damaged ones."""
         kept = []
-        if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                with contextlib.suppress(json.JSONDecodeError):
-                    if json.loads(line)["step"] <= step:
-                        kept.append(line + "\n")
-        atomic_write_bytes(self.path, "".join(kept).encode())
+        lines = self.path.read_bytes().splitlines() if step and self.path.is_file() else []
+        for number, line in enumerate(lines, 1):
+            record = metrics_record(line)
+            if record is None and number < len(lines):
+                warn(f"{self.path} line {number} is not a JSON object with a step; it is dropped")
+            if record is not None and record["step"] <= step:
+                kept.append(line + b"\n")
+        atomic_write_bytes(self.path, b"".join(kept))
 
     def append(self, record: dict) -> None:
         """Append one line of strict JSON (a non-finite number, e.g. an empty evaluation's, becomes null)."""
         with open(self.path, "a") as f:
             f.write(json.dumps(finite(record), allow_nan=False) + "\n")
+
+
+def metrics_record(line: bytes) -> dict | None:
+    """A metrics.jsonl line as its record, or None if it is not a JSON object with an integer step."""
+    try:
+        record = parse_json(line, "a metrics line")
+    except MoekdError:
+        return None
+    return record if isinstance(record, dict) and type(record.get("step")) is int else None
 
 
 def finite(value):
@@ -579,21 +736,20 @@ def run_identity(config, resumable_with_changes: tuple[str, ...]) -> dict:
     return json.loads(json.dumps({"config": settings}))  # tuples as JSON reads them
 
 
-def open_run(config, processes: Distributed, resumable: tuple[str, ...]) -> tuple[dict, str | None]:
-    """(`run_identity`, rank 0's `inspect_output` of config.output): what a stage starts, resumes or finds done."""
-    identity = run_identity(config, resumable)
-    return identity, processes.on_rank0(lambda: inspect_output(Path(config.output), identity, config.overwrite))
-
-
-def inspect_output(output: Path, identity: dict, overwrite: bool) -> str | None:
+def inspect_output(output: Path, identity: dict, overwrite: bool, warn: Callable[[str], None]) -> str | None:
     """Rank 0, read-only: FINISHED, the newest checkpoint to resume from, or None to start afresh.
 
-    A run made with other settings is refused unless `overwrite`, which starts afresh.
+    A run made with other settings is refused unless `overwrite`, which starts afresh. Newer checkpoints
+    that do not check out are passed over, each named by `warn`; a run none of whose checkpoints checks
+    out is refused unless `overwrite` (it is never restarted behind its owner's back).
     """
     run_file = Path(output) / RUN_FILE
     if run_file.is_file():
         recorded = read_json(run_file, "run settings")
         recorded = {key: recorded.get(key) for key in identity} if isinstance(recorded, dict) else {}
+        if isinstance(recorded.get("config"), dict):  # recorded before some of its settings became resumable
+            recorded["config"] = {key: value for key, value in recorded["config"].items()
+                                  if key not in RESUMABLE_WITH_CHANGES}
         changed = changed_settings(recorded, identity)
         if changed and not overwrite:
             raise MoekdError(f"{output} holds a run with other settings: {'; '.join(changed)}. "
@@ -602,15 +758,22 @@ def inspect_output(output: Path, identity: dict, overwrite: bool) -> str | None:
             return None
         if (Path(output) / FINAL).is_dir():
             return FINISHED
-        found = checkpoints(Path(output) / CHECKPOINTS)
-        return str(found[-1]) if found else None
+        latest, skipped = newest_sound_checkpoint(Path(output) / CHECKPOINTS)
+        if latest is None and skipped and not overwrite:
+            raise MoekdError(f"no checkpoint of {output} checks out ({len(skipped)} found; {skipped[0]}); put back "
+                             "one that does, or set overwrite=true to start the run afresh")
+        for line in skipped:
+            warn(f"{line}; it is passed over")
+        return latest
     if any((Path(output) / name).exists() for name in (CHECKPOINTS, FINAL, METRICS_FILE)) and not overwrite:
         raise MoekdError(f"{output} holds training outputs but no {RUN_FILE}; set overwrite=true to replace them")
     return None
 
 
-def start_output(output: Path, identity: dict, latest: str | None, also_clear: tuple[str, ...] = ()) -> None:
-    """Rank 0: record the settings and cut the metrics back to `latest`.
+def start_output(output: Path, identity: dict, latest: str | None, warn: Callable[[str], None],
+                 also_clear: tuple[str, ...] = ()) -> None:
+    """Rank 0: record the settings and take the run back to `latest`: the metrics after it, and whatever
+    is named like a later checkpoint (passed over, or a stray entry), go.
 
     Without `latest` the old run's checkpoints, final/ and the files in `also_clear` go.
     """
@@ -623,8 +786,12 @@ def start_output(output: Path, identity: dict, latest: str | None, also_clear: t
             (output / name).unlink(missing_ok=True)
     remove_stale_directories(output)
     remove_stale_directories(output / CHECKPOINTS)
+    step = checkpoint_step(latest) if latest else 0
+    for entry in checkpoint_entries(output / CHECKPOINTS):
+        if checkpoint_step(entry) > step:
+            remove_entry(entry)
     atomic_write_json(output / RUN_FILE, identity)
-    MetricsLog(output / METRICS_FILE).keep_until(int(CHECKPOINT_NAME.fullmatch(Path(latest).name)[1]) if latest else 0)
+    MetricsLog(output / METRICS_FILE).keep_until(step, warn)
 
 
 def flatten(data: dict, prefix: str = "") -> dict:
@@ -716,16 +883,17 @@ class Run:
     def __init__(self, config: RunConfig, name: str, also_clear: tuple[str, ...] = ()):
         self.config, self.name, self.also_clear = config, name, also_clear
         self.output = Path(config.output)
+        self.identity = run_identity(config, RESUMABLE_WITH_CHANGES)
+        self.lock: FileLock | None = None
+        self.trainer: Trainer | None = None
         self.processes = Distributed(config.device)
         try:
-            self.identity, self.latest = open_run(config, self.processes, RESUMABLE_WITH_CHANGES)
-        except BaseException:  # no __exit__ follows a failed __init__: leave the process group here
-            self.processes.stop()
+            self.latest = self.processes.on_rank0(self.open_directory)
+        except BaseException:  # no __exit__ follows a failed __init__: release the lock and leave the group here
+            self.__exit__()
             raise
         self.autocast_dtype = autocast_dtype(config.dtype, self.processes.device)
         self.log = MetricsLog(self.output / METRICS_FILE)
-        self.lock: FileLock | None = None
-        self.trainer: Trainer | None = None
 
     def __enter__(self) -> Run:
         return self
@@ -736,6 +904,26 @@ class Run:
         if self.trainer is not None:
             self.trainer.close()
         self.processes.stop()
+
+    def open_directory(self) -> str | None:
+        """Rank 0: what the output holds (`inspect_output`: FINISHED, the checkpoint to resume from, or None).
+        A run directory's lock is taken first, so that nothing changes it from here on (its checkpoints are
+        checked once, here); a directory that holds no run yet is taken in `take_directory`."""
+        if (self.output / RUN_FILE).is_file():
+            self.hold_lock()
+        return inspect_output(self.output, self.identity, self.config.overwrite, self.warn)
+
+    def hold_lock(self) -> None:
+        """Rank 0: hold the run directory's lock for the run's life; a second process on it is refused."""
+        lock = FileLock(self.output / RUN_LOCK)
+        if not lock.try_acquire():
+            raise MoekdError(f"{self.output} is in use by another moekd process (it holds {lock.path}); wait for "
+                             "it to end, or choose another output")
+        self.lock = lock
+
+    def warn(self, message: str) -> None:
+        """One line on stderr (rank 0 calls it)."""
+        print(f"moekd {self.name}: warning: {message}", file=sys.stderr)
 
     @property
     def finished(self) -> bool:
@@ -797,16 +985,13 @@ class Run:
         return inputs
 
     def take_directory(self, inputs: dict) -> None:
-        """Rank 0: hold the run directory's lock for the run's life (a second process on it is refused),
-        refuse to resume against other inputs than the run's, record the settings and inputs."""
-        self.output.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(self.output / RUN_LOCK)
-        if not lock.try_acquire():
-            raise MoekdError(f"{self.output} is in use by another moekd process (it holds {lock.path}); wait for "
-                             "it to end, or choose another output")
-        self.lock = lock
-        if inspect_output(self.output, self.identity, self.config.overwrite) != self.latest:
-            raise MoekdError(f"{self.output} changed while this run was starting; re-run the command")
+        """Rank 0: hold the run directory's lock (if `open_directory` did not), refuse to resume against other
+        inputs than the run's, record the settings and inputs and take the run back to its checkpoint."""
+        if self.lock is None:  # no run was there when it opened: one may have started since
+            self.output.mkdir(parents=True, exist_ok=True)
+            self.hold_lock()
+            if inspect_output(self.output, self.identity, self.config.overwrite, self.warn) != self.latest:
+                raise MoekdError(f"{self.output} changed while this run was starting; re-run the command")
         if self.latest is not None:
             recorded = read_json(self.output / RUN_FILE, "run settings").get("inputs")
             changed = changed_settings(recorded if isinstance(recorded, dict) else {}, inputs)
@@ -815,7 +1000,7 @@ class Run:
                                  "A run never resumes against another teacher, student or data: restore them, "
                                  "or choose another output")
         start_output(self.output, self.identity | {"inputs": inputs, "world_size": self.processes.world_size},
-                     self.latest, self.also_clear)
+                     self.latest, self.warn, self.also_clear)
 
     def resume(self, **parts) -> None:
         """Load the newest checkpoint's states into the trainer and `parts` (or seed a new run), then say

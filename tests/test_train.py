@@ -241,6 +241,32 @@ def test_a_sharded_run_resumes_on_two_ranks_as_it_ran_and_on_one_with_the_rest_o
     assert_same_weights(weights(tmp_path / "one/final"), model.state_dict(), atol=1e-5)
 
 
+def test_a_run_resumes_with_the_other_kind_of_parallelism_both_ways(tmp_path, splits, student_dir):
+    steps = 3
+    args = ["--student", str(student_dir), "--data", str(splits["train"]), f"shard_size={SHARD_SIZE}", "loss.alpha=0",
+            "--max-steps", str(steps), "--batch-size", "2", "--shuffle-shards", "1", "--device", "cpu", "--dtype",
+            "float32", "optim.lr=0.003", "optim.warmup_steps=1", "save_every=1", "keep_checkpoints=3",
+            "keep_checkpoints_at_end=true"]
+    on_two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+              "pipeline.cli", "train", str(tmp_path / "run"), *args]
+    whole = None
+    for parallel, at in (("fsdp", steps), ("ddp", 1), ("fsdp", 2)):  # fsdp's checkpoint resumed by ddp, and back
+        if whole is not None:  # interrupted after step `at`
+            shutil.rmtree(tmp_path / "run/final")
+            for later in range(at + 1, steps + 1):
+                shutil.rmtree(tmp_path / f"run/checkpoints/step-{later:08d}")
+        done = subprocess.run([*on_two, f"parallel={parallel}"], env=SUBPROCESS_ENV, cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        if whole is None:
+            whole, whole_weights = metrics(tmp_path / "run"), weights(tmp_path / "run/final")
+        else:
+            assert f"resuming after step {at}" in done.stdout
+            for a, b in zip(metrics(tmp_path / "run"), whole, strict=True):
+                assert {k: a[k] for k in COMPARED} == pytest.approx({k: b[k] for k in COMPARED}, rel=1e-6)
+            assert_same_weights(weights(tmp_path / "run/final"), whole_weights, atol=1e-6)
+
+
 def test_gradient_checkpointing_changes_nothing_and_bfloat16_runs_on_cpu(tmp_path, ka_cache, student_dir):
     plain = run_train(tmp_path / "plain", student_dir, cache=ka_cache)
     recomputed = run_train(tmp_path / "checkpointing", student_dir, cache=ka_cache, gradient_checkpointing=True)

@@ -1,11 +1,15 @@
 """Data from another team is untrusted: caches stay confined and checked, nothing runs code, runs do not collide.
 
 One group of tests per class of failure: a cache leading outside itself, readers trusting what they read,
-code arriving with a checkpoint or a model, runs colliding or drifting, non-finite settings and edge inputs.
+code arriving with a checkpoint or a model, runs colliding or drifting, checkpoints trusted by their names,
+non-finite settings and edge inputs.
 """
 
 from __future__ import annotations
 
+import errno
+import importlib
+import io
 import json
 import re
 import os
@@ -14,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 import fixtures
 from pipeline.cache_format import Manifest, verify_cache
@@ -22,8 +28,11 @@ from pipeline.config import config_hash
 from pipeline.errors import MoekdError
 from pipeline.files import FileLock
 from pipeline.models import REMOTE_CODE, load_model
-from pipeline.training import RUN_LOCK, TRAINER_STATE, load_trainer_state
+from pipeline.training import (
+    CHECKPOINT_RECORD, RUN_LOCK, TRAINER_STATE, check_checkpoint, checkpoint_record, load_trainer_state,
+)
 from stages import cache, prepare, train
+from test_files import no_hang
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
@@ -191,6 +200,119 @@ def test_inspect_shows_what_a_foreign_manifest_lacks_and_follows_no_path_in_it(c
     assert "sequence 3:" in capsys.readouterr().out
 
 
+# ---------------------------------------------------------------- 2b. a cache is whole, or refused until repaired
+
+def test_a_cache_missing_a_record_is_refused_until_moekd_cache_finishes_it(copy, student_dir, tmp_path, prepared,
+                                                                           moe_dir, reference, capsys):
+    (copy / "commits" / "shard-00001.json").unlink()  # shard 1's writer was killed before it committed
+    verify, inspect, train_, eval_ = commands(copy, student_dir, tmp_path, prepared)
+    assert "have no commit record: 1" in moekd(capsys, *verify)
+    assert main(list(map(str, inspect))) == 0
+    assert "status     incomplete: 1 of the 3 shards the identity announces have no commit record: 1" \
+        in capsys.readouterr().out
+    for command in (train_, eval_):
+        assert "is incomplete: 2 of 3 shards committed; 1 missing (1)" in moekd(capsys, *command)
+    make_cache(copy, moe_dir("mixtral"), prepared)
+    assert main(["verify", str(copy)]) == 0 and "complete, every shard matches" in capsys.readouterr().out
+    assert fixtures.cache_files(copy) == fixtures.cache_files(reference)
+
+
+def test_a_damaged_shard_is_rebuilt_by_moekd_cache(copy, moe_dir, prepared, reference, capsys):
+    truncate = shard_file(copy, 0)
+    truncate.write_bytes(truncate.read_bytes()[:100])  # another size: every resume checks sizes
+    flipped = shard_file(copy, 2)
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x01  # the same size: only a full check finds it
+    flipped.write_bytes(bytes(data))
+    assert main(["cache", str(copy), f"teacher={moe_dir('mixtral')}", f"data={prepared}", "top_k=16",
+                 "shard_size=8", "batch_size=4", "device=cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "shard 0 is computed again: its file shards/shard-00000-" in out and "1 already committed" not in out
+    assert [p.split(" (")[0] for p in verify_cache(copy)] == ["shard 2"]
+    assert main(["cache", str(copy), f"teacher={moe_dir('mixtral')}", f"data={prepared}", "top_k=16",
+                 "shard_size=8", "batch_size=4", "device=cpu", "verify=true"]) == 0
+    assert "shard 2 is computed again: sha256 differs" in capsys.readouterr().out
+    assert verify_cache(copy) == [] and fixtures.cache_files(copy) == fixtures.cache_files(reference)
+
+
+@pytest.mark.parametrize("what", ["shard", "record", "manifest"])
+def test_a_fifo_in_place_of_a_cache_file_is_one_line_for_every_reader_and_never_blocks(
+        what, copy, student_dir, tmp_path, prepared, tokenizer_dir, moe_dir, reference, capsys):
+    path = {"shard": shard_file(copy, 1), "record": copy / "commits" / "shard-00001.json",
+            "manifest": copy / "manifest.json"}[what]
+    path.unlink()
+    os.mkfifo(path)
+    verify, inspect, train_, eval_ = commands(copy, student_dir, tmp_path, prepared)
+    if what == "shard":  # the summary reads no shard: show a row of shard 1
+        inspect += ["--seq", 9, "--tokenizer", tokenizer_dir]
+    with no_hang():
+        for command in (verify, inspect, train_, eval_):
+            assert f"{path.name} (cache file) is a FIFO, not a regular file" in moekd(capsys, *command)
+        if what == "manifest":
+            assert "is a FIFO" in moekd(capsys, "cache", copy, "--teacher", moe_dir("mixtral"), "--data", prepared)
+            path.unlink()  # the manifest is gone: its records (the same identity's) are taken up again
+        make_cache(copy, moe_dir("mixtral"), prepared)
+    assert verify_cache(copy) == [] and fixtures.cache_files(copy) == fixtures.cache_files(reference)
+
+
+def test_a_directory_in_place_of_the_manifest_is_one_line_even_to_overwrite(copy, student_dir, tmp_path, prepared,
+                                                                             moe_dir, capsys):
+    (copy / "manifest.json").unlink()
+    (copy / "manifest.json").mkdir()
+    for command in commands(copy, student_dir, tmp_path, prepared):
+        assert "manifest.json (cache file) is a directory, not a regular file" in moekd(capsys, *command)
+    assert "is a directory where the cache keeps a file; moekd does not remove directories it did not make" \
+        in moekd(capsys, "cache", copy, "--teacher", moe_dir("mixtral"), "--data", prepared, "overwrite=true")
+    assert (copy / "manifest.json").is_dir()
+
+
+DEEP = '{"a": ' * 100_000 + "1" + "}" * 100_000
+
+
+@pytest.mark.parametrize("what, content, message", [
+    ("manifest", DEEP, "is nested more than 64 levels deep"),
+    ("manifest", '{"format": "moekd-teacher-cache", "version": ' + "3" * 5000 + "}", "holds a number of 5000"),
+    ("record", "[" * 20_000 + "]" * 20_000, "is nested more than 64 levels deep"),  # within a record's size
+    ("record", '{"rows": ' + "8" * 5000 + "}", "holds a number of 5000"),
+    ("record", " " * (65 << 10), r"\(cache file\) is 66560 bytes, more than the 65536 bytes it may have"),
+])
+def test_json_moekd_could_not_have_written_is_one_line_for_every_reader(what, content, message, copy, student_dir,
+                                                                        tmp_path, prepared, moe_dir, reference,
+                                                                        capsys):
+    (copy / "manifest.json" if what == "manifest" else copy / "commits" / "shard-00002.json").write_text(content)
+    for command in commands(copy, student_dir, tmp_path, prepared):
+        assert re.search(message, moekd(capsys, *command))
+    if what == "record":  # `moekd cache` computes the shard again and replaces the record
+        make_cache(copy, moe_dir("mixtral"), prepared)
+        assert verify_cache(copy) == [] and fixtures.cache_files(copy) == fixtures.cache_files(reference)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_a_fifo_in_a_model_directory_is_one_line(name, tmp_path, student_dir, prepared, reference, capsys):
+    model = Path(shutil.copytree(student_dir, tmp_path / "model"))
+    (model / name).unlink()
+    os.mkfifo(model / name)
+    with no_hang():
+        for command in (["eval", "--output", tmp_path / "eval", f"models={{m: {model}}}", f"data=[{prepared}]",
+                         "--no-generate", "--device", "cpu"],
+                        ["train", tmp_path / "run", "--student", model, "--cache", reference, "--device", "cpu"]):
+            assert f"{name} (in a model directory) is a FIFO, not a regular file" in moekd(capsys, *command)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"config": ' * 100_000 + "{}" + "}" * 100_000, "is nested more than 64 levels deep"),
+    ('{"world_size": ' + "1" * 5000 + "}", "holds a number of 5000 characters"),
+])
+def test_a_run_json_moekd_could_not_have_written_is_one_line(content, message, tmp_path, student_dir, reference,
+                                                              capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(content)
+    err = moekd(capsys, "train", run, "--student", student_dir, "--cache", reference, "--device", "cpu")
+    assert f"run settings {run / 'run.json'} {message}" in err and (run / "run.json").read_text() == content
+
+
 # ---------------------------------------------------------------- 3. nothing moekd loads runs code
 
 class Payload:
@@ -211,6 +333,8 @@ def test_a_checkpoint_carrying_code_is_refused_unrun(tmp_path, student_dir, refe
     shutil.rmtree(last)  # as if killed before step 2 was saved: a re-run resumes from step 1
     marker = tmp_path / "marker"
     torch.save(load_trainer_state(first) | {"evil": Payload(marker)}, first / TRAINER_STATE)
+    # whoever hands it over can write its record too: the checkpoint checks out, and its loading refuses it
+    (first / CHECKPOINT_RECORD).write_text(json.dumps(checkpoint_record(first, 1)))
     with pytest.raises(MoekdError, match="not a moekd trainer state holding only tensors and plain data"):
         train.run(train.Config(output=str(run), student=str(student_dir), cache=str(reference), max_steps=2,
                                save_every=1, device="cpu", batch_size=4))
@@ -293,7 +417,244 @@ def test_a_run_does_not_resume_against_another_teacher(tmp_path, student_dir, mo
     assert "holds a run of other inputs than these: cache is" in moekd(capsys, *args)
 
 
-# ---------------------------------------------------------------- 5. non-finite settings and edge inputs
+# ---------------------------------------------------------------- 5. checkpoints are trusted by what they hold
+
+RUN_ARGS = ("--device", "cpu", "--dtype", "float32", "max_steps=3", "save_every=1", "keep_checkpoints=3",
+            "keep_checkpoints_at_end=true", "batch_size=4")
+
+
+def train_command(run: Path, student_dir: Path, cache_dir: Path, *more: str) -> list[str]:
+    return list(map(str, ["train", run, "--student", student_dir, "--cache", cache_dir, *RUN_ARGS, *more]))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, student_dir, reference) -> Path:
+    """A run of 3 steps with a checkpoint after each, kept: what every interrupted run below must end as."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert main(train_command(run, student_dir, reference)) == 0
+    return run
+
+
+def interrupted(finished: Path, run: Path, after: int) -> Path:
+    """A copy of the finished run as a kill after checkpoint `after` leaves it (its metrics may list later steps)."""
+    shutil.copytree(finished, run)
+    shutil.rmtree(run / "final")
+    for later in range(after + 1, 4):
+        shutil.rmtree(run / f"checkpoints/step-{later:08d}")
+    return run
+
+
+def checkpoint(run: Path, step: int) -> Path:
+    return run / f"checkpoints/step-{step:08d}"
+
+
+def rerun(capsys, run: Path, student_dir: Path, cache_dir: Path, *more: str) -> tuple[str, list[str]]:
+    """Re-run the run's command to its end: (stdout, the warning lines on stderr)."""
+    capsys.readouterr()
+    assert main(train_command(run, student_dir, cache_dir, *more)) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return out, [line for line in err.splitlines() if line.startswith("moekd train: warning: ")]
+
+
+def assert_same_run(run: Path, finished: Path) -> None:
+    """`run` ended as the uninterrupted run: the same metrics, each step once, and the same student."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (finished / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for got, want in zip(records, expected):
+        assert {k: got[k] for k in ("loss", "ce", "kd", "lr", "grad_norm", "tokens")} == \
+               {k: want[k] for k in ("loss", "ce", "kd", "lr", "grad_norm", "tokens")}
+    got, want = load_file(run / "final/model.safetensors"), load_file(finished / "final/model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[name], want[name]) for name in got)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def replace_by_link(path: Path) -> None:
+    """`path` replaced by a link to the same bytes outside the checkpoint."""
+    outside = path.parents[2] / "outside"
+    shutil.move(path, outside)
+    path.symlink_to(outside)
+
+
+DAMAGES = {
+    "cut weights": (lambda run: truncate(checkpoint(run, 3) / "model.safetensors"),
+                    r"model.safetensors is \d+ bytes, and its record says \d+"),
+    "another step's trainer state": (lambda run: shutil.copy(checkpoint(run, 2) / TRAINER_STATE,
+                                                             checkpoint(run, 3) / TRAINER_STATE),
+                                     "trainer.pt is not the file its record gives the sha256 of"),
+    "no trainer state": (lambda run: (checkpoint(run, 3) / TRAINER_STATE).unlink(), "it lacks trainer.pt"),
+    "a file it does not list": (lambda run: (checkpoint(run, 3) / "pytorch_model.bin").write_bytes(b"x"),
+                                "it holds pytorch_model.bin, which its checkpoint.json does not list"),
+    "a link": (lambda run: replace_by_link(checkpoint(run, 3) / "config.json"),
+               "config.json is a link, or not a regular file"),
+    "an older moekd's": (lambda run: (checkpoint(run, 3) / CHECKPOINT_RECORD).unlink(),
+                         r"it has no checkpoint.json \(written by a moekd that did not record what its checkpoints "
+                         r"hold, or not by moekd\)"),
+    "another step's, renamed": (lambda run: (shutil.rmtree(checkpoint(run, 3)),
+                                             shutil.copytree(checkpoint(run, 2), checkpoint(run, 3))),
+                                "its checkpoint.json is that of step 2"),
+    "a record that is not UTF-8": (lambda run: (checkpoint(run, 3) / CHECKPOINT_RECORD).write_bytes(b'{"step": \xff}'),
+                                   r"its checkpoint.json is not valid JSON: .*"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_newest_checkpoint_that_does_not_check_out_is_passed_over_with_a_warning(
+        tmp_path, finished, student_dir, reference, capsys, damage):
+    damage_it, message = DAMAGES[damage]
+    run = interrupted(finished, tmp_path / "run", after=3)
+    damage_it(run)
+    out, warnings = rerun(capsys, run, student_dir, reference)
+    assert len(warnings) == 1 and re.search(f"step-00000003 does not check out: {message}; it is passed over",
+                                            warnings[0]), warnings
+    assert "resuming after step 2" in out
+    assert_same_run(run, finished)
+    check_checkpoint(checkpoint(run, 3))  # written again, whole
+
+
+def test_stray_entries_named_like_checkpoints_are_none_and_do_not_block_the_run(
+        tmp_path, finished, student_dir, reference, capsys):
+    run = interrupted(finished, tmp_path / "run", after=2)
+    checkpoint(run, 3).write_text("not a checkpoint")  # once blamed on a full disk at every re-run
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target/keep").write_text("kept")
+    checkpoint(run, 9).symlink_to(tmp_path / "target", target_is_directory=True)
+    out, warnings = rerun(capsys, run, student_dir, reference)
+    assert warnings == [] and "resuming after step 2" in out
+    assert_same_run(run, finished)
+    check_checkpoint(checkpoint(run, 3))
+    assert not checkpoint(run, 9).exists() and (tmp_path / "target/keep").read_text() == "kept"  # the link only
+
+
+@pytest.mark.parametrize("damage", ["cut weights", "an older moekd's"])
+def test_a_run_none_of_whose_checkpoints_checks_out_is_refused_until_overwrite(
+        tmp_path, finished, student_dir, reference, capsys, damage):
+    run = interrupted(finished, tmp_path / "run", after=3)
+    for step in (1, 2):
+        shutil.rmtree(checkpoint(run, step))
+    DAMAGES[damage][0](run)
+    metrics_before = (run / "metrics.jsonl").read_bytes()
+    err = moekd(capsys, *train_command(run, student_dir, reference))
+    assert re.search(f"no checkpoint of {re.escape(str(run))} checks out .*step-00000003 does not check out: "
+                     f"{DAMAGES[damage][1]}.*set overwrite=true to start the run afresh", err), err
+    assert (run / "metrics.jsonl").read_bytes() == metrics_before and checkpoint(run, 3).is_dir()  # untouched
+    out, warnings = rerun(capsys, run, student_dir, reference, "overwrite=true")
+    assert "resuming" not in out and len(warnings) == 1
+    assert_same_run(run, finished)
+
+
+def test_a_trainer_state_of_another_step_is_refused_even_under_a_matching_record(tmp_path, finished, student_dir,
+                                                                                reference, capsys):
+    run = interrupted(finished, tmp_path / "run", after=3)
+    shutil.copy(checkpoint(run, 2) / TRAINER_STATE, checkpoint(run, 3) / TRAINER_STATE)
+    record = json.loads((checkpoint(run, 3) / CHECKPOINT_RECORD).read_text())
+    record["files"][TRAINER_STATE] = json.loads((checkpoint(run, 2) / CHECKPOINT_RECORD).read_text())["files"][TRAINER_STATE]
+    (checkpoint(run, 3) / CHECKPOINT_RECORD).write_text(json.dumps(record))  # forged to match
+    assert "trainer.pt is the state after step 2, not after step 3" in moekd(
+        capsys, *train_command(run, student_dir, reference))
+
+
+class FullDisk(io.RawIOBase):
+    """A file whose writes fail as on a full disk once `room` bytes are written."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.file.write(data)
+
+
+def fail_second_call(monkeypatch, target: str, write) -> None:
+    """Make the second call of `target` (module.name) fail through `write(real function, *args)`."""
+    module, name = target.rsplit(".", 1)
+    real, calls = getattr(importlib.import_module(module), name), []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        return write(real, *args, **kwargs) if len(calls) == 2 else real(*args, **kwargs)
+
+    monkeypatch.setattr(f"{module}.{name}", failing)
+
+
+def cut_weights(real, tensors, filename, metadata=None):
+    Path(filename).write_bytes(b"\0" * 100)  # safetensors wrote some of the file, then reported its OSError as text
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def cut_state(real, state, file):
+    real(state, FullDisk(file, room=4096))  # torch.save raises a RuntimeError from the file's OSError
+
+
+def denied_state(real, state, file):
+    raise PermissionError(errno.EACCES, "Permission denied")
+
+
+@pytest.mark.parametrize("target, write, message", [
+    ("transformers.modeling_utils.safe_save_file", cut_weights, "disk full while writing {checkpoint}; "
+     "everything committed before it is kept, free some space and re-run the same command to resume"),
+    ("torch.save", cut_state, "disk full while writing {checkpoint}; everything committed before it is kept"),
+    ("torch.save", denied_state, r"could not write checkpoint {checkpoint} \(PermissionError: .*Permission denied\); "
+     "the earlier checkpoints are intact"),
+], ids=["weights on a full disk", "trainer state on a full disk", "trainer state denied"])
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_earlier_one_resumes(
+        tmp_path, finished, student_dir, reference, capsys, monkeypatch, target, write, message):
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        fail_second_call(patch, target, write)
+        err = moekd(capsys, *train_command(run, student_dir, reference))
+    assert re.search(message.format(checkpoint=re.escape(str(checkpoint(run, 2)))), err), err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001"]  # no half checkpoint
+    check_checkpoint(checkpoint(run, 1))
+    out, warnings = rerun(capsys, run, student_dir, reference)
+    assert warnings == [] and "resuming after step 1" in out
+    assert_same_run(run, finished)
+
+
+@pytest.mark.parametrize("where", ["last", "middle"])
+def test_a_metrics_line_that_is_not_utf8_never_blocks_a_resume(tmp_path, finished, student_dir, reference, capsys,
+                                                                where):
+    run = interrupted(finished, tmp_path / "run", after=2)
+    lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    if where == "last":  # a kill mid-line
+        lines[-1] = lines[-1][:20] + b"\xff\xfe"
+    else:
+        lines[0] = b'{"step": 1, "loss": "\xff"}\n'
+    (run / "metrics.jsonl").write_bytes(b"".join(lines))
+    out, warnings = rerun(capsys, run, student_dir, reference)
+    assert "resuming after step 2" in out
+    if where == "last":
+        assert warnings == []
+        assert_same_run(run, finished)
+    else:
+        assert warnings == [f"moekd train: warning: {run / 'metrics.jsonl'} line 1 is not a JSON object with a step; "
+                            "it is dropped"]
+        assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2, 3]
+
+
+def test_a_run_directory_moved_or_copied_elsewhere_resumes(tmp_path, finished, student_dir, reference, capsys):
+    original = interrupted(finished, tmp_path / "run", after=2)
+    copied = Path(shutil.copytree(original, tmp_path / "elsewhere/copied"))
+    moved = Path(shutil.move(original, tmp_path / "elsewhere/moved"))
+    recorded = json.loads((copied / "run.json").read_text())
+    recorded["config"] |= {"output": str(original), "parallel": "fsdp"}  # as moekd recorded them before
+    (copied / "run.json").write_text(json.dumps(recorded))
+    for run in (copied, moved):
+        out, warnings = rerun(capsys, run, student_dir, reference)
+        assert warnings == [] and "resuming after step 2" in out
+        assert_same_run(run, finished)
+
+
+# ---------------------------------------------------------------- 6. non-finite settings and edge inputs
 
 def test_a_diverging_run_stops_before_saving_broken_weights(tmp_path, student_dir, reference, capsys):
     run = tmp_path / "run"
@@ -309,16 +670,6 @@ def test_a_diverging_run_stops_before_saving_broken_weights(tmp_path, student_di
     for line in (run / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"metrics.jsonl holds {c}"))
         assert json.loads(line)["step"] < step
-
-
-def test_a_full_disk_during_a_checkpoint_is_one_line(tmp_path, student_dir, reference, monkeypatch):
-    def full(*args, **kwargs):
-        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
-
-    monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(MoekdError, match="could not write checkpoint .* is the disk full"):
-        train.run(train.Config(output=str(tmp_path / "run"), student=str(student_dir), cache=str(reference),
-                               max_steps=2, save_every=1, device="cpu", batch_size=4))
 
 
 def test_edge_records_are_skipped_by_reason(tmp_path, tokenizer_dir):
@@ -345,8 +696,11 @@ def test_a_dataset_loading_script_is_refused_unrun(tmp_path, tokenizer_dir, caps
     assert "cannot read" in err and not marker.exists() and not os.path.exists(tmp_path / "out" / "meta.json")
 
 
-def test_a_manifest_promising_rows_a_shard_lacks_is_one_line(copy, student_dir, tmp_path, prepared, capsys):
+def test_a_record_promising_rows_the_identity_does_not_give_it_is_one_line_and_recomputed(
+        copy, student_dir, tmp_path, prepared, moe_dir, reference, capsys):
     edit_record(copy, 0, lambda r: r.update(rows=10_000))
     err = moekd(capsys, "eval", "--output", tmp_path / "eval", f"models={{s: {student_dir}}}", f"data=[{prepared}]",
                 "--cache", copy, "--no-generate", "--device", "cpu", "kl_max_rows=20")  # the shard holds 8
-    assert "cannot read teacher-cache shard" in err
+    assert "says shard 0 has 10000 rows, but the identity's rows and shard_size give it 8" in err
+    make_cache(copy, moe_dir("mixtral"), prepared)  # resuming does not trust it: shard 0 is computed again
+    assert verify_cache(copy) == [] and fixtures.cache_files(copy) == fixtures.cache_files(reference)
