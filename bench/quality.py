@@ -334,7 +334,7 @@ def cache_size(cache: Path) -> dict[str, float]:
 
     from pipeline.cache_format import Manifest
 
-    manifest = Manifest.load(cache)
+    manifest = Manifest.load(cache, whole=True)
     total = teacher = tokens = 0
     for index, info in manifest.shards.items():
         metadata = pq.ParquetFile(pa.BufferReader(manifest.shard_bytes(index))).metadata

@@ -79,7 +79,8 @@ def read_jsonl(path: Path, max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator
 def parse_json_record(text: str) -> dict | str:
     try:
         record = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than Python's stack
+    # RecursionError: nested deeper than Python's stack; ValueError: an integer past Python's 4,300 digits
+    except (json.JSONDecodeError, RecursionError, ValueError):
         return "malformed_json"
     return record if isinstance(record, dict) else "not_a_record"
 

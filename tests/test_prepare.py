@@ -231,6 +231,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path, tokenizer_dir, records, c
         good[0],
         b'{"instruction": "caf\xe9", "response": "x"}',  # latin-1, not UTF-8
         b'{"instruction": "Say hi", "response": ',  # malformed JSON
+        b'{"instruction": "Say hi", "response": "x", "n": ' + b"9" * 5000 + b"}",  # past Python's int limit
         json.dumps({"instruction": "Say hi", "response": "  "}).encode(),  # empty response
         json.dumps({"instruction": "Say hi"}).encode(),  # missing response
         good[1],
@@ -245,7 +246,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path, tokenizer_dir, records, c
     data = prepare([path], tmp_path / "out", tokenizer_dir)
     assert [r.references[0] for r in all_rows(data)] == [r["response"] for r in records[:3]]
     assert data.meta["skipped"] == {
-        "empty_field": 1, "invalid_utf8": 1, "malformed_json": 1, "missing_field": 1, "not_a_record": 1,
+        "empty_field": 1, "invalid_utf8": 1, "malformed_json": 2, "missing_field": 1, "not_a_record": 1,
         "not_string": 2,
     }
     summary = capsys.readouterr().out
