@@ -2,7 +2,7 @@
 what each keeps of the teacher.
 
 For every (sample, position) of a top-k cache (k = 64 in the demo's), with the
-cache's own Parquet settings (`cache_format.write_parquet`):
+cache's own Parquet settings (`pipeline.cache.shards.write_parquet`):
   top-k'   the k' most probable of the cached ids (k' <= k), log-probs as stored (float16 precision);
   top-p    the fewest most probable ids whose mass reaches p, at most k (one size per position,
            the ids and their log-probs);
@@ -33,7 +33,8 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.cache_format import Manifest, TeacherRecord, write_parquet  # noqa: E402
+from pipeline.cache.manifest import Manifest  # noqa: E402
+from pipeline.cache.shards import TeacherRecord, write_parquet  # noqa: E402
 
 LOGPROB_STEP = 1 / 16  # nats per 8-bit level
 ENCODINGS = {"sizes": "DELTA_BINARY_PACKED", "ids": "BYTE_STREAM_SPLIT", "logprobs": "BYTE_STREAM_SPLIT",
@@ -131,11 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for cache in args.caches:
         manifest = Manifest.load(cache)
-        encoding = manifest.identity["encoding"]
-        if encoding.get("storage", "topk") != "topk":
+        encoding = manifest.identity.encoding
+        if encoding.storage != "topk":
             raise SystemExit(f"{cache}: not a top-k cache")
         records = [r for index in sorted(manifest.shards)[:args.shards] for r in manifest.read_shard(index)]
-        k, M = encoding["k"], encoding["num_samples"]
+        k, M = encoding.k, encoding.num_samples
         rows = parquet_bytes({"input_ids": [r.input_ids for r in records],
                               "positions": [r.positions for r in records]}) / sum(len(r.positions) for r in records)
         print(f"\n{cache}: top-{k}, M = {M}, {len(records)} rows; the rows' input_ids and positions: "

@@ -26,12 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import fixtures  # noqa: E402
-
-from pipeline import cache_format  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.batch import collate_examples  # noqa: E402
-from pipeline.data import PreparedData  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
+from pipeline.cache.manifest import Manifest  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
+from pipeline.data.batch import collate_examples  # noqa: E402
+from pipeline.data.prepared import PreparedData  # noqa: E402
+from pipeline.models.loading import load_model  # noqa: E402
 from stages import cache, prepare  # noqa: E402
 
 
@@ -90,13 +89,13 @@ def time_cache_stage(teacher: Path, data: Path, output: Path, overrides: list[st
                 spent[0] += time.perf_counter() - begin
         return wrapper
 
-    original = (cache.write_shard, cache_format.Manifest.commit)
-    cache.write_shard, cache_format.Manifest.commit = timed(original[0]), timed(original[1])
+    original = (cache.write_shard, Manifest.commit)
+    cache.write_shard, Manifest.commit = timed(original[0]), timed(original[1])
     try:
         config = load_config(cache.Config, None, [f"output={output}", f"teacher={teacher}", f"data={data}", *overrides])
         stats = cache.run(config)
     finally:
-        cache.write_shard, cache_format.Manifest.commit = original
+        cache.write_shard, Manifest.commit = original
     return stats, spent[0]
 
 

@@ -5,7 +5,7 @@ AdamW state) against FSDP (each rank a shard), measured with 2 ranks on CPU, and
 
 For each of ddp and fsdp, two processes (torchrun, gloo, one thread each) load
 the student (the demo's SmolLM2-135M), wrap it as `moekd train` does
-(`training.Trainer`) and take `--steps` SFT steps (float32, AdamW) on the
+(`trainer.Trainer`) and take `--steps` SFT steps (float32, AdamW) on the
 demo's data. A thread samples each process's resident memory (VmRSS) every
 10 ms, with glibc's mmap threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_)
 so that freed tensors leave the resident set (by default glibc raises the
@@ -48,12 +48,13 @@ def worker(data: str, student: str, parallel: str, steps: int, batch_size: int, 
     import torch
 
     sys.path.insert(0, str(REPO))
-    from pipeline.batch import collate_examples
-    from pipeline.data import PreparedData
-    from pipeline.losses import LossConfig
-    from pipeline.models import load_model, load_tokenizer, pad_token_id
-    from pipeline.reader import PreparedShards, Reader
-    from pipeline.training import Distributed, OptimConfig, Trainer
+    from pipeline.core.processes import Distributed
+    from pipeline.data.batch import collate_examples
+    from pipeline.data.prepared import PreparedData
+    from pipeline.data.reader import PreparedShards, Reader
+    from pipeline.models.loading import load_model, load_tokenizer, pad_token_id
+    from pipeline.student.losses import LossConfig
+    from pipeline.student.trainer import OptimConfig, Trainer
 
     torch.set_num_threads(1)
     processes = Distributed("cpu")
@@ -65,8 +66,8 @@ def worker(data: str, student: str, parallel: str, steps: int, batch_size: int, 
     batches = list(reader.batches(0, 0, steps))
     model = load_model(student, dtype="float32", device="cpu").train()
     parameters = sum(p.numel() for p in model.parameters())
-    trainer = Trainer(model, OptimConfig(lr=1e-5, warmup_steps=0), LossConfig(alpha=0.0), 1000, processes,
-                      parallel=parallel)
+    trainer = Trainer(model, optim=OptimConfig(lr=1e-5, warmup_steps=0), loss=LossConfig(alpha=0.0), total_steps=1000,
+                      processes=processes, parallel=parallel)
     peak, running = [resident_mib()], True
 
     def sample() -> None:

@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.batch import collate_examples, pack  # noqa: E402
-from pipeline.data import PreparedData  # noqa: E402
-from pipeline.losses import LossConfig  # noqa: E402
-from pipeline.models import load_model, load_tokenizer, pad_token_id  # noqa: E402
-from pipeline.reader import PreparedShards, Reader  # noqa: E402
-from pipeline.training import Distributed, OptimConfig, Trainer  # noqa: E402
+from pipeline.core.processes import Distributed  # noqa: E402
+from pipeline.data.batch import collate_examples, pack  # noqa: E402
+from pipeline.data.prepared import PreparedData  # noqa: E402
+from pipeline.data.reader import PreparedShards, Reader  # noqa: E402
+from pipeline.models.loading import load_model, load_tokenizer, pad_token_id  # noqa: E402
+from pipeline.student.losses import LossConfig  # noqa: E402
+from pipeline.student.trainer import OptimConfig, Trainer  # noqa: E402
 
 
 def main() -> None:
@@ -53,8 +54,9 @@ def main() -> None:
     batches = list(reader.batches(0, 0, args.steps + 1))
     model = load_model(args.student, dtype="float32", device="cpu").train()
     variants = {"padded": None} | {f"packed {n}": n for n in args.pack_lengths}
-    trainers = {name: Trainer(model, OptimConfig(lr=1e-12, warmup_steps=0), LossConfig(alpha=0.0), 10_000,
-                              Distributed("cpu"), pack_length=n) for name, n in variants.items()}
+    trainers = {name: Trainer(model, optim=OptimConfig(lr=1e-12, warmup_steps=0), loss=LossConfig(alpha=0.0),
+                              total_steps=10_000, processes=Distributed("cpu"), pack_length=n)
+                for name, n in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for step, batch in enumerate(batches):  # the first round warms up
         for name, trainer in trainers.items():

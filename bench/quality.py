@@ -26,7 +26,7 @@ whole vocabulary with `heldout_top_k` set to its size). Every metric is
 macro-averaged over the held-out tasks (each task weighs the same).
 
 Per method the report gives the mean and standard deviation over seeds; against
-`baseline`, the paired difference with two t intervals (`pipeline.statistics`):
+`baseline`, the paired difference with two t intervals (`pipeline.student.statistics`):
 over seeds and tasks as random (a claim about unseen tasks like these) and
 over seeds alone (about these tasks), each with its minimum detectable effect
 at `power`; and the share of the SFT → teacher gap each method closes, with
@@ -53,12 +53,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cli import main as moekd  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.errors import MoekdError  # noqa: E402
-from pipeline.files import atomic_write_bytes, atomic_write_json  # noqa: E402
-from pipeline.routing import RoutingConfig  # noqa: E402
-from pipeline.statistics import Comparison, Measured, compare, macro  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
+from pipeline.core.errors import MoekdError  # noqa: E402
+from pipeline.core.files import atomic_write_bytes, atomic_write_json  # noqa: E402
+from pipeline.student.statistics import Comparison, Measured, compare, macro  # noqa: E402
+from pipeline.teacher.routing import RoutingConfig  # noqa: E402
+from stages.cli import main as moekd  # noqa: E402
 
 CACHED = ("kd", "ka", "all", "top_p")
 METHODS = ("sft", *CACHED, "sar")
@@ -250,12 +250,12 @@ def run_study(config: Config) -> dict:
     out = Path(config.output)
     for step in plan(config, num_experts(config.teacher)):
         run_stage(step)
-    from pipeline.cache_format import Manifest
+    from pipeline.cache.manifest import Manifest
 
     sizes = {m: cache_size(config.caches / m) for m in config.compared if (config.caches / m).is_dir()}
-    encoding = Manifest.load(config.heldout_cache).identity["encoding"]
-    kl_over = ("the whole vocabulary" if encoding["k"] == encoding["vocab_size"]
-               else f"the teacher's top-{encoding['k']} and the rest as one outcome")
+    encoding = Manifest.load(config.heldout_cache).identity.encoding
+    kl_over = ("the whole vocabulary" if encoding.k == encoding.vocab_size
+               else f"the teacher's top-{encoding.k} and the rest as one outcome")
     report = summarize(config, out / "eval") | {"cache_bytes_per_token": sizes, "kl_over": kl_over}
     write_report(out, report)
     plot(out, report)
@@ -332,7 +332,7 @@ def cache_size(cache: Path) -> dict[str, float]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.cache_format import Manifest
+    from pipeline.cache.manifest import Manifest
 
     manifest = Manifest.load(cache, whole=True)
     total = teacher = tokens = 0

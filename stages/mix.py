@@ -5,7 +5,7 @@ domain (`moekd train` on that domain's prepared data). Their FFNs become the
 experts of a Mixtral checkpoint, `top_k` active per token; attention, norms
 and embeddings are averaged over the branches; each layer's router is fitted
 to tell the branches' domains apart from calibration records whose
-`label_field` names the branch they belong to (`pipeline.mixture`). The output
+`label_field` names the branch they belong to (`pipeline.embedded.mixture`). The output
 holds `mix.json` (the branches' identities, settings, router fit figures,
 timings); if it already holds this mix it is reused.
 """
@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import config_hash, to_dict
-from pipeline.data import labelled_calibration_ids
-from pipeline.errors import MoekdError
-from pipeline.files import sha256_file
-from pipeline.mixture import mix
-from pipeline.models import (
-    built_model, content_identity, honours_remote_code, load_config, load_model, load_tokenizer, save_model,
+from pipeline.core.config import config_hash, to_dict
+from pipeline.core.errors import MoekdError
+from pipeline.core.files import sha256_file
+from pipeline.data.template import labelled_calibration_ids
+from pipeline.embedded.mixture import mix
+from pipeline.models.identity import content_identity
+from pipeline.models.loading import (
+    built_model, honours_remote_code, load_config, load_model, load_tokenizer, save_model,
 )
 
 REPORT = "mix.json"

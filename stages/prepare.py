@@ -4,7 +4,7 @@ Reads JSONL / JSON / Parquet files (or anything `datasets` reads locally: CSV,
 a directory of data files, a `save_to_disk` directory), renders each record
 with the prompt template, tokenizes, fits each example into max_length tokens
 (`truncation`: by default the prompt loses its first tokens, so the response
-and the end of the prompt stay; see `data.fit_length`), and writes
+and the end of the prompt stay; see `template.fit_length`), and writes
 data.parquet then meta.json. Unusable records are skipped and counted by
 reason; truncated ones are counted too. Re-running with the same inputs and
 settings is a no-op.
@@ -18,14 +18,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.config import config_hash, to_dict
-from pipeline.data import (
-    DATA_FILE, FORMAT, MAX_RECORD_BYTES, META_FILE, VERSION, RecordFields, Template, Truncation, example_from_record,
-    read_records, write_prepared_data,
-)
-from pipeline.errors import MoekdError
-from pipeline.files import atomic_write_json, read_json, remove_stale_temporaries, sha256_file
-from pipeline.models import honours_remote_code, load_tokenizer, tokenizer_fingerprint
+from pipeline.core.config import config_hash, to_dict
+from pipeline.core.errors import MoekdError
+from pipeline.core.files import atomic_write_json, remove_stale_temporaries, sha256_file
+from pipeline.core.outputs import Output, Verdict, judge, recorded_in
+from pipeline.data.prepared import DATA_FILE, FORMAT, META_FILE, VERSION, write_prepared_data
+from pipeline.data.records import MAX_RECORD_BYTES, read_records
+from pipeline.data.template import RecordFields, Template, Truncation, example_from_record
+from pipeline.models.identity import tokenizer_fingerprint
+from pipeline.models.loading import honours_remote_code, load_tokenizer
 
 
 @dataclass
@@ -72,7 +73,7 @@ def run(config: Config) -> None:
     tokenizer_fp = tokenizer_fingerprint(tokenizer)
     fingerprint = prepared_fingerprint(config, inputs, tokenizer_fp, template.text)
     output = Path(config.output)
-    if not needs_writing(output, fingerprint, config.overwrite):
+    if prepared(output, fingerprint, config.overwrite):
         print(f"prepare: {output} is up to date (fingerprint {fingerprint[:12]}); nothing to do")
         return
     if output.is_dir():
@@ -112,20 +113,13 @@ def check(config: Config) -> list[Path]:
     return inputs
 
 
-def needs_writing(output: Path, fingerprint: str, overwrite: bool) -> bool:
-    """False if `output` already holds this exact preparation; refuse a different one unless overwriting."""
-    meta_path = output / META_FILE
-    if not meta_path.is_file():
-        return True
-    existing = read_json(meta_path, "prepared data meta").get("fingerprint")
-    if existing == fingerprint:
-        return False
-    if not overwrite:
-        raise MoekdError(
-            f"{output} already holds prepared data from different inputs or settings "
-            f"(fingerprint {str(existing)[:12]}, now {fingerprint[:12]}); use --overwrite or another output"
-        )
-    return True
+def prepared(output: Path, fingerprint: str, overwrite: bool) -> bool:
+    """Whether `output` already holds this exact preparation (`core.outputs.judge`: a different one is refused
+    unless overwriting; a directory without meta.json is incomplete, and prepared again)."""
+    meta = recorded_in(output, META_FILE, unrecorded=None)
+    recorded = None if meta is None else {"fingerprint": meta.get("fingerprint")}
+    where = Output(output, holds="already holds prepared data from different inputs or settings")
+    return judge(where, recorded, {"fingerprint": fingerprint}, overwrite) is Verdict.SAME
 
 
 def input_hash(path: Path) -> str:
@@ -156,10 +150,9 @@ def prepared_fingerprint(config: Config, inputs: list[Path], tokenizer_fp: str, 
 
 def examples(config: Config, inputs: list[Path], template: Template, counts, skipped):
     """Prepared rows from every input in order, counting rows and tokens and skips by reason."""
-    fields = RecordFields(
-        config.instruction_field, config.context_field, config.response_field,
-        config.references_field, config.source_field,
-    )
+    fields = RecordFields(instruction=config.instruction_field, context=config.context_field,
+                          response=config.response_field, references=config.references_field,
+                          source=config.source_field)
     for path in inputs:
         for record in read_records(path, config.max_record_bytes):
             if config.select and isinstance(record, dict) and not selected(record, config.select):

@@ -1,14 +1,14 @@
 """Distil with the teacher in the loop while adapting its routers to the student (Student-Aware Router).
 
 Every optimizer step runs, on the same batch (METHOD, section SAR; the pieces
-are in pipeline/sar.py):
+are in pipeline/student/sar.py):
 
 1. router step: the teacher, frozen except its routers, runs with gradients
    under `routing` (every expert by default); the routers take an AdamW step
    (`router.optim`) on D_r(p, q.detach()) + router.balance · L_balance, with q
    the student's distribution at the batch's targets;
 2. student step: the teacher runs again without gradients, with the updated
-   routers, and the student takes the train stage's step (`training.Trainer`)
+   routers, and the student takes the train stage's step (`pipeline.student.trainer.Trainer`)
    on (1 − α)·CE + α·D(p ‖ q) (`loss`, `optim`) against the teacher's
    full-vocabulary distribution.
 
@@ -28,11 +28,12 @@ router's choice, not the routed set) and router_prob (mean softmax router
 probability per expert); tokens, tokens_per_s, peak_memory_mib), checkpoints/step-NNNNNNNN/
 (the student, and in trainer.pt both optimizers, the router parameters, the
 reader position and RNG states), routers.safetensors (the adapted routers and
-the teacher's identity: `pipeline.routers.apply_routers` loads them into the
+the teacher's identity: `pipeline.teacher.routers.apply_routers` loads them into the
 original teacher, and `moekd cache routers=...` caches that adapted teacher)
 and final/, the student for AutoModelForCausalLM. The run around the steps
 (reading, held-out evaluation with `eval_data` / `eval_cache`, checkpoints,
-resume) is `training.Run`, shared with `moekd train`.
+resume) is `pipeline.student.run.Run`, shared with `moekd train`; the step is
+`Step`, built from the run's parts and the teacher side `adapt` wires.
 Re-running the same command resumes from the newest checkpoint and gives the
 losses of an uninterrupted run; once final/ exists it does nothing.
 """
@@ -41,21 +42,23 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import torch
 
-from pipeline.batch import Batch, collate_examples
-from pipeline.evaluation import stop_token_ids
-from pipeline.logprobs import target_logprobs
-from pipeline.models import honours_remote_code, load_model, model_identity, resolve_dtype
-from pipeline.routers import save_routers
-from pipeline.routing import RoutingHooks
-from pipeline.sar import (
+from pipeline.data.batch import Batch, collate_examples
+from pipeline.models.identity import model_identity
+from pipeline.models.loading import honours_remote_code, load_model, resolve_dtype
+from pipeline.models.logprobs import target_logprobs
+from pipeline.student.generation import stop_token_ids
+from pipeline.student.run import Run, RunConfig
+from pipeline.student.sar import (
     RouterConfig, RouterTrainer, SarRoutingConfig, checkpoint_teacher_layers, on_policy_examples, train_routers_only,
 )
-from pipeline.teacher import AdaptedTeacher
-from pipeline.training import Run, RunConfig
+from pipeline.student.trainer import Trainer
+from pipeline.teacher.routers import save_routers
+from pipeline.teacher.routing import RoutingHooks
+from pipeline.teacher.sources import AdaptedTeacher
 
 ROUTERS_FILE = "routers.safetensors"
 
@@ -97,19 +100,17 @@ def run(config: Config) -> dict:
         model = load_model(config.teacher, dtype=resolve_dtype(config.dtype, device), device=device)
         teacher_identity = model_identity(config.teacher, model)
         with RoutingHooks(model, config.routing) as routing:  # refuses a dense teacher
-            routers = train_routers_only(model, routing.routers)
             student, tokenizer = run.load_student()
-            teacher = AdaptedTeacher(config.data, config.shard_size, config.teacher, model, routing, run.autocast)
-            teacher.description = (f"{len(routing.routers)} routers of {config.teacher} ({model.config.model_type}, "
-                                   f"routing={config.routing.mode}) adapted while distilling into {config.student}; "
-                                   f"{config.sequences} sequences")
-            if config.teacher_gradient_checkpointing:
-                checkpoint_teacher_layers(model)
-            run.begin(teacher)
-            router_trainer = RouterTrainer(model, routing, routers, config.router, run.total_steps, run.processes,
-                                           run.autocast_dtype)
+            routers, teacher = adapt(config, model, routing, run.autocast)
+            run.begin(teacher, about=f"{len(routing.routers)} routers of {config.teacher} ({model.config.model_type}, "
+                                     f"routing={config.routing.mode}) adapted while distilling into {config.student}; "
+                                     f"{config.sequences} sequences")
+            router_trainer = RouterTrainer(model, routing, routers, config=config.router, total_steps=run.total_steps,
+                                           processes=run.processes, autocast=run.autocast_dtype)
             run.resume(router=router_trainer)
-            step = Step(config, run, router_trainer, stop_token_ids(tokenizer, student))
+            step = Step(config=config, student=student, trainer=run.trainer, teacher=teacher,
+                        router_trainer=router_trainer, pad_id=run.pad_id, autocast=run.autocast,
+                        stop_ids=stop_token_ids(tokenizer, student))
             last = run.steps(step, show=("loss", "kl"))
 
         def save_routers_file() -> str:
@@ -120,40 +121,65 @@ def run(config: Config) -> dict:
     return last
 
 
-class Step:
-    """One SAR step on a step's micro-batches: the router step, then the student step (both steps' metrics)."""
+def adapt(config: Config, model, routing: RoutingHooks,
+          autocast: Callable[[], contextlib.AbstractContextManager]) -> tuple[dict[str, torch.nn.Parameter],
+                                                                            AdaptedTeacher]:
+    """SAR's teacher side: its routers made trainable (every other parameter frozen; `train_routers_only`)
+    and the teacher the student learns from, `model` under `routing`; with `teacher_gradient_checkpointing`
+    its layers recompute activations in the router step's backward."""
+    routers = train_routers_only(model, routing.routers)
+    teacher = AdaptedTeacher(data=config.data, shard_size=config.shard_size, teacher=config.teacher, model=model,
+                             routing=routing, autocast=autocast)
+    if config.teacher_gradient_checkpointing:
+        checkpoint_teacher_layers(model)
+    return routers, teacher
 
-    def __init__(self, config: Config, run: Run, router_trainer: RouterTrainer, stop_ids: set[int]):
-        self.config, self.run, self.router_trainer, self.stop_ids = config, run, router_trainer, stop_ids
+
+@dataclass(kw_only=True)
+class Step:
+    """One SAR step on a step's micro-batches: the router step, then the student step (both steps' metrics).
+
+    Its parts are the run's (`run`): the `student` and its `trainer` (whose processes give the device), the
+    `teacher` (`adapt`) and its `router_trainer`, the padding id, the stop tokens of sampled responses and the
+    run's mixed precision (`autocast`)."""
+
+    config: Config
+    student: torch.nn.Module
+    trainer: Trainer
+    teacher: AdaptedTeacher
+    router_trainer: RouterTrainer
+    pad_id: int
+    stop_ids: set[int]
+    autocast: Callable[[], contextlib.AbstractContextManager]
 
     def __call__(self, batches: list[Batch]) -> dict:
-        run = self.run
-        batches = [self.sequences(batch).to(run.processes.device) for batch in batches]
+        device = self.trainer.processes.device
+        batches = [self.sequences(batch).to(device) for batch in batches]
         with self.evaluating():
-            student_logprobs = run.trainer.with_whole_student(
-                lambda: [target_logprobs(run.student, batch) for batch in batches])
+            student_logprobs = self.trainer.with_whole_student(
+                lambda: [target_logprobs(self.student, batch) for batch in batches])
         routers = self.router_trainer.step(batches, student_logprobs)
-        return run.trainer.step([run.teacher.teach(batch) for batch in batches]) | routers
+        return self.trainer.step([self.teacher.teach(batch) for batch in batches]) | routers
 
     @contextlib.contextmanager
     def evaluating(self):
         """The student in eval mode (no dropout), without gradients, under the run's autocast."""
-        student = self.run.student
-        student.eval()
+        self.student.eval()
         try:
-            with torch.no_grad(), self.run.autocast():
+            with torch.no_grad(), self.autocast():
                 yield
         finally:
-            student.train()
+            self.student.train()
 
     def sequences(self, batch: Batch) -> Batch:
         """The batch as read (data sequences), or its prompts with responses the student samples now."""
-        if self.config.sequences == "data":
+        config = self.config
+        if config.sequences == "data":
             return batch
         with self.evaluating():
             examples = on_policy_examples(
-                self.run.student, batch.examples, stop_ids=self.stop_ids, pad_id=self.run.pad_id,
-                max_new_tokens=self.config.max_new_tokens, temperature=self.config.sample_temperature,
-                top_p=self.config.sample_top_p, seed=self.config.seed, step=self.run.trainer.steps_done,
+                self.student, batch.examples, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                max_new_tokens=config.max_new_tokens, temperature=config.sample_temperature,
+                top_p=config.sample_top_p, seed=config.seed, step=self.trainer.steps_done,
             )
-        return collate_examples(examples, self.run.pad_id)
+        return collate_examples(examples, self.pad_id)

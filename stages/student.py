@@ -1,7 +1,7 @@
 """Make the student: the source model cut narrower (FFN neurons, attention heads) and/or shallower.
 
 Width is cut by importance measured on calibration tokens of the training
-data (`pipeline.student_init`): each FFN keeps its `ffn_size` neurons with the
+data (`pipeline.embedded.student_init`): each FFN keeps its `ffn_size` neurons with the
 largest mean output, each attention its `heads` heads with the largest mean
 output. Depth is cut by keeping `keep_layers`. Width costs a small model far
 less than depth: on SmolLM2-135M, all 30 layers with FFNs cut from 1536 to 512
@@ -18,11 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data import calibration_ids
-from pipeline.errors import MoekdError
-from pipeline.files import read_json, sha256_file
-from pipeline.models import honours_remote_code, load_model, load_tokenizer, model_identity, save_model
-from pipeline.student_init import check_width, choose_width, importance, make_student, refit_down
+from pipeline.core.errors import MoekdError
+from pipeline.core.files import sha256_file
+from pipeline.data.template import calibration_ids
+from pipeline.embedded.student_init import check_width, choose_width, importance, make_student, refit_down
+from pipeline.models.identity import model_identity
+from pipeline.models.loading import built_model, honours_remote_code, load_model, load_tokenizer, save_model
 
 REPORT = "student.json"
 
@@ -55,12 +56,10 @@ def run(config: Config) -> None:
                          "(instruction records, e.g. the training split's JSONL)")
     wanted = {"source": model_identity(config.source, source), "settings": identity_settings(config, width)}
     output = Path(config.output)
-    if output.exists():
-        if (output / REPORT).is_file() and {k: read_json(output / REPORT).get(k) for k in wanted} == wanted:
-            print(f"student: {output} already holds this student; nothing to do")
-            return
-        if not config.overwrite:
-            raise MoekdError(f"{output} already holds something else than this student; use --overwrite or another output")
+    if built_model(output, REPORT, wanted, config.overwrite, models=("source",), key=None,
+                   what="something else than this student"):
+        print(f"student: {output} already holds this student; nothing to do")
+        return
     tokenizer = load_tokenizer(config.source)
     kept = None
     if width:

@@ -14,9 +14,9 @@ or the cache's stored aggregate (`aggregate`). Exactly one source:
   batches are also those of the offline run.
 - `data` alone: SFT (set `loss.alpha=0`).
 
-The three are the teachers of `pipeline.teacher`; the run around them
-(reading, steps, evaluation, checkpoints, resume) is `training.Run`, shared
-with `moekd sar`. Batches come from `pipeline.reader`: a seeded shuffle over
+The three are the teachers of `pipeline.teacher.sources`; the run around them
+(reading, steps, evaluation, checkpoints, resume) is `pipeline.student.run.Run`,
+shared with `moekd sar`. Batches come from `pipeline.data.reader`: a seeded shuffle over
 windows of `shuffle_shards` shards, grouped by length, decoded ahead in a
 thread. Training lasts `max_steps` optimizer steps, or `epochs` passes. Under
 torchrun each rank trains on its own shards, with the student replicated
@@ -39,12 +39,12 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from pipeline.batch import Batch, one_sample_per_sequence
-from pipeline.errors import MoekdError
-from pipeline.models import honours_remote_code, resolve_dtype
-from pipeline.routing import RoutingConfig
-from pipeline.teacher import CachedTeacher, Labels, OnlineTeacher
-from pipeline.training import Run, RunConfig
+from pipeline.core.errors import MoekdError
+from pipeline.data.batch import Batch, one_sample_per_sequence
+from pipeline.models.loading import honours_remote_code, resolve_dtype
+from pipeline.student.run import Run, RunConfig
+from pipeline.teacher.routing import RoutingConfig
+from pipeline.teacher.sources import CachedTeacher, Labels, OnlineTeacher
 
 
 @dataclass(kw_only=True)
@@ -96,7 +96,9 @@ def run(config: Config) -> dict:
         if run.finished:
             return {}
         run.load_student()
-        run.begin(make_teacher(config, run, stack))
+        teacher = make_teacher(config, run, stack)
+        run.begin(teacher, about=teacher.description + (
+            f" (alpha={config.loss.alpha}, ka_samples={config.ka_samples})" if config.loss.alpha else ""))
         run.resume()
 
         def step(batches: list[Batch]) -> dict:
@@ -112,8 +114,8 @@ def make_teacher(config: Config, run: Run, stack: contextlib.ExitStack):
     """The run's teacher: the cache, the teacher model in the loop, or none (SFT)."""
     aggregate = config.ka_samples == "aggregate"
     if config.cache:
-        teacher = CachedTeacher(config.cache, aggregate, config.cache_top_k, config.cache_shards,
-                                config.follow_timeout if config.follow else None)
+        teacher = CachedTeacher(config.cache, aggregate=aggregate, top_k=config.cache_top_k, shards=config.cache_shards,
+                                follow=config.follow_timeout if config.follow else None)
         loss = config.loss
         if teacher.sampled and (loss.divergence != "forward_kl" or loss.temperature != 1 or config.ka_samples != "mean"):
             raise MoekdError(
@@ -123,12 +125,11 @@ def make_teacher(config: Config, run: Run, stack: contextlib.ExitStack):
                 f"ka_samples=mean (got {loss.divergence}, {loss.temperature}, {config.ka_samples}), or a top-k cache")
     elif config.teacher:
         device = run.processes.device
-        teacher = OnlineTeacher(config.data, config.shard_size, config.teacher, config.routing, config.top_k,
-                                aggregate, resolve_dtype(config.dtype, device), device, stack)
+        teacher = OnlineTeacher(data=config.data, shard_size=config.shard_size, teacher=config.teacher,
+                                routing=config.routing, top_k=config.top_k, aggregate=aggregate,
+                                dtype=resolve_dtype(config.dtype, device), device=device, stack=stack)
     else:
         teacher = Labels(config.data, config.shard_size)
-    if config.loss.alpha:
-        teacher.description += f" (alpha={config.loss.alpha}, ka_samples={config.ka_samples})"
     return teacher
 
 

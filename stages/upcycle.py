@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import config_hash, to_dict
-from pipeline.data import calibration_ids
-from pipeline.errors import MoekdError
-from pipeline.files import sha256_file
-from pipeline.models import built_model, honours_remote_code, load_model, load_tokenizer, model_identity, save_model
-from pipeline.upcycle import Layout, upcycle
+from pipeline.core.config import config_hash, to_dict
+from pipeline.core.errors import MoekdError
+from pipeline.core.files import sha256_file
+from pipeline.data.template import calibration_ids
+from pipeline.embedded.upcycle import Layout, upcycle
+from pipeline.models.identity import model_identity
+from pipeline.models.loading import built_model, honours_remote_code, load_model, load_tokenizer, save_model
 
 REPORT = "upcycle.json"
 
@@ -51,7 +52,7 @@ def run(config: Config) -> None:
     dense = load_model(config.source, dtype="float32", device="cpu")
     identity = build_identity(config, dense)
     output = Path(config.output)
-    if built_model(output, REPORT, identity, config.overwrite):
+    if built_model(output, REPORT, identity, config.overwrite, models=("source",)):
         print(f"upcycle: {output} already holds this teacher; nothing to do")
         return
     started = time.time()

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from pipeline.cache_format import REPAIR, verify_cache
-from pipeline.errors import MoekdError
+from pipeline.cache.manifest import REPAIR, verify_cache
+from pipeline.core.errors import MoekdError
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Tiny configs of every MoE family in `routing.RULES`, for the conformance test (tests/test_families.py).
+"""Tiny configs of every MoE family in `families.RULES`, for the conformance test (tests/test_families.py).
 
 Written from each family's config class in the pinned transformers: two layers of width 64, 4 or 8
 experts with 2 active, at least one MoE layer; vocabulary and special tokens come from the fixtures.

@@ -240,7 +240,7 @@ def kill_and_rerun(command: Callable[[Path], list[str]], directory: Path, kill_a
 
 def shard_file(cache: Path, index: int) -> Path:
     """The committed file of shard `index` of a local cache."""
-    from pipeline.cache_format import Manifest
+    from pipeline.cache.manifest import Manifest
 
     return Path(cache) / Manifest.load(cache).shards[index].file
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 import fixtures
-from pipeline import cache_format
-from pipeline.cache_format import Manifest, read_shard
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.data import PreparedData, target_positions
-from pipeline.errors import MoekdError
+from pipeline.cache.manifest import Manifest, verify_cache
+from pipeline.cache.shards import read_shard
+from pipeline.core.config import load_config
+from pipeline.core.errors import MoekdError
+from pipeline.data.prepared import PreparedData, target_positions
 from stages import cache, prepare
+from stages.cli import main
 
 KA = ["routing.mode=ka", "routing.samples=3", "routing.lam=0.5", "aggregate=true", "top_k=8"]
 
@@ -48,7 +48,7 @@ def reference(tmp_path_factory, moe_dir, prepared):
 def test_cache_contents_match_the_teacher(reference, prepared):
     manifest = Manifest.load(reference)
     data = PreparedData(prepared)
-    assert manifest.committed() == set(range(8)) and manifest.identity["rows"] == len(data) == 30
+    assert manifest.committed() == set(range(8)) and manifest.identity.rows == len(data) == 30
     record = read_shard(fixtures.shard_file(reference, 1), rows=[2])[0]
     example = data.rows(6, 7)[0]
     assert record.seq_id == 6
@@ -83,7 +83,7 @@ def test_torchrun_environment_selects_the_worker(tmp_path, monkeypatch, moe_dir,
 
 def cache_command(output, teacher, data, *extra) -> list[str]:
     args = [f"teacher={teacher}", f"data={data}", "shard_size=2", *KA, *extra]
-    return [sys.executable, "-m", "pipeline.cli", "cache", str(output), *args]
+    return [sys.executable, "-m", "stages.cli", "cache", str(output), *args]
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_a_different_teacher_or_data_is_refused(tmp_path, reference, moe_dir, pr
     copy = tmp_path / "copy"
     shutil.copytree(reference, copy)
     run_cache(copy, other, prepared, *KA, "overwrite=true")
-    assert Manifest.load(copy).identity["teacher"]["weights_fingerprint"] != Manifest.load(reference).identity["teacher"]["weights_fingerprint"]
+    assert Manifest.load(copy).identity.teacher["weights_fingerprint"] != Manifest.load(reference).identity.teacher["weights_fingerprint"]
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, prepared, tokenizer_dir):
@@ -197,4 +197,4 @@ def test_every_family_caches_with_ka(tmp_path, moe_dir, family, prepared):
     run_cache(tmp_path / family, teacher, prepared, *KA, "routing.k_s=3", "shard_size=16")
     record = read_shard(fixtures.shard_file(tmp_path / family, 0), rows=[0])[0]
     assert np.isfinite(record.topk_logprobs).all() and record.topk_ids.shape[0] == 3
-    assert cache_format.verify_cache(tmp_path / family) == []
+    assert verify_cache(tmp_path / family) == []

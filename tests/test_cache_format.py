@@ -16,13 +16,13 @@ import pyarrow
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cache_format
-from pipeline.cache_format import (
-    Manifest, TeacherRecord, encoding_spec, read_shard, read_shard_index, verify_cache, write_shard,
-)
-from pipeline.errors import MoekdError
-from pipeline.files import atomic_path
-from pipeline.storage import LocalStore
+from pipeline.cache import shards
+from pipeline.cache.identity import CacheIdentity, encoding_spec
+from pipeline.cache.manifest import Manifest, verify_cache
+from pipeline.cache.shards import TeacherRecord, read_shard, read_shard_index, write_shard
+from pipeline.cache.storage import LocalStore
+from pipeline.core.errors import MoekdError
+from pipeline.core.files import atomic_path
 from test_files import no_hang
 
 FP16_REL = 2.0**-11  # float16 round-to-nearest: half an ulp, relative
@@ -54,11 +54,12 @@ def make_records(
         L = T + int(rng.integers(2, 6))
         shared = rng.standard_normal((T, vocab)) * 3
         logprobs = log_softmax(shared + 0.5 * rng.standard_normal((M, T, vocab)))
+        ids, values = top_k(logprobs, k)
         record = TeacherRecord(
             seq_id,
             rng.integers(0, vocab, L).astype(np.int32),
             np.sort(rng.choice(L - 1, T, replace=False)).astype(np.int32),
-            *top_k(logprobs, k),
+            topk_ids=ids, topk_logprobs=values,
         )
         if aggregate:
             record.agg_ids, record.agg_logprobs = top_k(np.log(np.exp(logprobs).mean(0)), k)
@@ -133,7 +134,7 @@ def test_same_records_same_bytes(tmp_path):
 
 
 def test_selected_rows_come_back_in_the_order_asked(tmp_path):
-    records = make_records(3 * cache_format.ROW_GROUP_ROWS, M=1, max_T=2)
+    records = make_records(3 * shards.ROW_GROUP_ROWS, M=1, max_T=2)
     write_shard(tmp_path, 0, records, **spec_of(records, 500, False))
     path = shard_file(tmp_path, 0)
     assert pq.ParquetFile(path).metadata.num_row_groups == 3
@@ -160,7 +161,7 @@ def test_documented_pyarrow_decode(tmp_path, monkeypatch):
     records = make_records(4, M=3, aggregate=True, min_T=1, seed=2)
     manifest = Manifest.open(tmp_path, identity(encoding=encoding_spec(**spec_of(records, 500, True))), {}, False)
     manifest.commit(write_shard(tmp_path, 0, records, **spec_of(records, 500, True)))
-    snippet = re.search(r"nothing but pyarrow and numpy:\n\n((?:    .*\n)+)", cache_format.__doc__).group(1)
+    snippet = re.search(r"nothing but pyarrow and numpy:\n\n((?:    .*\n)+)", shards.__doc__).group(1)
     monkeypatch.chdir(tmp_path)
     scope = {"json": json, "np": np, "pyarrow": pyarrow}
     exec(snippet.replace("\n    ", "\n").strip(), scope)
@@ -198,7 +199,7 @@ def test_failed_write_leaves_no_file_and_no_manifest_entry(tmp_path, monkeypatch
 # ---------------------------------------------------------------- manifest
 
 
-def identity(**changes) -> dict:
+def identity(**changes) -> CacheIdentity:
     base = {
         "teacher": {"name": "moe", "sha": "abc"},
         "routing": {"mode": "ka", "lam": 0.05, "samples": 2},
@@ -211,7 +212,7 @@ def identity(**changes) -> dict:
             base[section] = {**base[section], field: value}
         else:
             base[key] = value
-    return base
+    return CacheIdentity(base)
 
 
 def build_cache(directory, shards=2) -> Manifest:
@@ -252,7 +253,7 @@ def test_manifest_overwrite_removes_the_old_cache(tmp_path):
     build_cache(tmp_path)
     fresh = Manifest.open(tmp_path, identity(routing__samples=4), {}, overwrite=True)
     assert fresh.committed() == set()
-    assert Manifest.load(tmp_path).identity["routing"]["samples"] == 4
+    assert Manifest.load(tmp_path).identity.routing["samples"] == 4
     assert list((tmp_path / "shards").glob("*.parquet")) == []
 
 
@@ -483,7 +484,7 @@ def test_encodings_bench_measures_what_the_cache_stores(tmp_path):
 ROWS, SHARD_ROWS = 14, 4  # shards of 4, 4, 4 and 2 rows
 
 
-def laid_out_identity() -> dict:
+def laid_out_identity() -> CacheIdentity:
     """An identity that says how its rows are sharded, as `moekd cache` writes it."""
     return identity(rows=ROWS, shard_size=SHARD_ROWS, num_shards=4)
 
@@ -597,7 +598,7 @@ def test_a_shard_recomputed_to_other_bytes_replaces_its_record(tmp_path):
 RACED = 30
 
 
-def racing_identity() -> dict:
+def racing_identity() -> CacheIdentity:
     return identity(rows=RACED, shard_size=1, num_shards=RACED)
 
 
@@ -664,6 +665,9 @@ def test_a_manifest_that_is_not_what_it_claims_is_one_line(tmp_path, content, me
 
 
 def test_a_layout_that_does_not_add_up_is_malformed(tmp_path):
-    Manifest.open(tmp_path, identity(rows=ROWS, shard_size=SHARD_ROWS, num_shards=3), {}, overwrite=False)
+    Manifest.open(tmp_path, identity(rows=ROWS, shard_size=SHARD_ROWS, num_shards=4), {}, overwrite=False)
+    written = json.loads((tmp_path / "manifest.json").read_text())  # as another writer might have made it:
+    written["identity"]["num_shards"] = 3  # no identity moekd makes is malformed
+    (tmp_path / "manifest.json").write_text(json.dumps(written))
     with pytest.raises(MoekdError, match="identity.num_shards is 3, but 14 rows in shards of 4 make 4"):
         Manifest.load(tmp_path)

@@ -5,8 +5,8 @@ from typing import ClassVar, Literal
 
 import pytest
 
-from pipeline.cli import main, parse_args
-from pipeline.config import ConfigError, load_config
+from pipeline.core.config import ConfigError, load_config
+from stages.cli import main, parse_args
 
 
 @dataclass

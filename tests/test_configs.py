@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cli
-from pipeline.config import ConfigError, load_config
+from pipeline.core.config import ConfigError, load_config
+from stages import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))

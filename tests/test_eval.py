@@ -1,4 +1,4 @@
-"""`moekd eval` and pipeline.evaluation, on the fixture tokenizer, tiny teacher/students and word-task data."""
+"""`moekd eval` and pipeline.student.evaluation, on the fixture tokenizer, tiny teacher/students and word-task data."""
 
 import json
 import math
@@ -12,22 +12,24 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 import fixtures
-import pipeline.data
+import pipeline.data.prepared
 import stages.eval
-from pipeline.batch import collate_examples
-from pipeline.cache_format import Manifest, encoding_spec, read_shard, write_shard
-from pipeline.capture import capture_batch
-from pipeline.cli import main
-from pipeline.data import PreparedData, target_positions
-from pipeline.errors import MoekdError
-from pipeline.evaluation import (
-    cache_kl, exact_match, example_losses, generate, generate_ids, response_loss, rouge_l, select_examples, stop_token_ids,
-)
-from pipeline.losses import LossConfig, sparse_divergence
-from pipeline.models import load_model, load_tokenizer
-from pipeline.routing import RoutingConfig, RoutingHooks
+from pipeline.cache.identity import CacheIdentity, encoding_spec
+from pipeline.cache.manifest import Manifest
+from pipeline.cache.shards import read_shard, write_shard
+from pipeline.core.errors import MoekdError
+from pipeline.data.batch import collate_examples
+from pipeline.data.prepared import PreparedData, target_positions
+from pipeline.models.loading import load_model, load_tokenizer
+from pipeline.student.evaluation import cache_kl, exact_match, example_losses, response_loss, rouge_l, select_examples
+from pipeline.student.generation import generate, generate_ids, stop_token_ids
+from pipeline.student.losses import LossConfig, sparse_divergence
+from pipeline.teacher.capture import capture_batch
+from pipeline.teacher.routing import RoutingConfig, RoutingHooks
+from stages.cli import main
 from stages.eval import Config, run
-from stages.prepare import Config as PrepareConfig, run as prepare
+from stages.prepare import Config as PrepareConfig
+from stages.prepare import run as prepare
 
 EXAMPLE_CONFIG = Path(__file__).parent.parent / "configs" / "eval.yaml"
 END_OF_TURN = 2  # <|im_end|> in the fixture tokenizer
@@ -68,7 +70,7 @@ def make_cache(directory: Path, teacher, data: PreparedData, k: int, routing: Ro
     encoding = dict(vocab_size=vocab_size, k=k, num_samples=routing.samples, with_aggregate=False)
     identity = {"encoding": encoding_spec(**encoding), "tokenizer_fingerprint": data.tokenizer_fingerprint,
                 "data_fingerprint": data.fingerprint, "rows": len(data), "shard_size": shard_rows}
-    manifest = Manifest.open(directory, identity, {}, overwrite=False)
+    manifest = Manifest.open(directory, CacheIdentity(identity), {}, overwrite=False)
     with RoutingHooks(teacher, routing) as hooks:
         for index, start in enumerate(range(0, len(data), shard_rows)):
             batch = collate_examples(data.rows(start, start + shard_rows), 0)
@@ -115,7 +117,7 @@ def test_response_loss_is_cross_entropy_over_response_tokens(test_split, student
 
 
 def test_select_examples_takes_evenly_spaced_rows_across_row_groups(tmp_path, tokenizer_dir, monkeypatch):
-    monkeypatch.setattr(pipeline.data, "ROW_GROUP_SIZE", 4)
+    monkeypatch.setattr(pipeline.data.prepared, "ROW_GROUP_SIZE", 4)
     path = fixtures.write_jsonl(tmp_path / "d.jsonl", fixtures.instruction_records(22))
     prepare(PrepareConfig(inputs=[str(path)], output=str(tmp_path / "out"), tokenizer=str(tokenizer_dir)))
     data = PreparedData(tmp_path / "out")

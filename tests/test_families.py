@@ -1,4 +1,4 @@
-"""Conformance of every MoE family in `routing.RULES`, on a tiny random model of each built here.
+"""Conformance of every MoE family in `families.RULES`, on a tiny random model of each built here.
 
 Per family: stage one's hidden states to logits give the model's logits; KA with λ = 0 (M = 1) is bit-identical to the unhooked model; `all` equals the model with
 k = E (and no group limit); KA with λ = 1 picks each expert with its inclusion probability under
@@ -11,27 +11,19 @@ from __future__ import annotations
 import contextlib
 from functools import partial
 
+import family_configs
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import family_configs
 import fixtures
-from pipeline.errors import MoekdError
-from pipeline.logprobs import target_hidden, vocab_logits
-from pipeline.models import causal_lm_class
-from pipeline.routing import (
-    RULES,
-    UNSUPPORTED,
-    RoutingConfig,
-    RoutingHooks,
-    families_table,
-    family_weights,
-    find_routers,
-    routing_of,
-)
-from pipeline.sar import train_routers_only
+from pipeline.core.errors import MoekdError
+from pipeline.models.loading import causal_lm_class
+from pipeline.models.logprobs import target_hidden, vocab_logits
+from pipeline.student.sar import train_routers_only
+from pipeline.teacher.families import RULES, UNSUPPORTED, families_table, family_weights, find_routers, routing_of
+from pipeline.teacher.routing import RoutingConfig, RoutingHooks
 from test_routing import inclusion_probabilities
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)

@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
-from pipeline.errors import MoekdError
-from pipeline.files import (
+from pipeline.core.errors import MoekdError
+from pipeline.core.files import (
     FILE_MODE, MAX_JSON_DEPTH, MAX_NUMBER_CHARS, atomic_directory, atomic_write, open_regular, parse_json,
     read_confined, read_json,
 )

@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config
 
 import fixtures
-from pipeline.batch import collate_examples, pack
-from pipeline.data import PreparedData
-from pipeline.evaluation import example_losses
-from pipeline.logprobs import target_hidden, target_logprobs, vocab_logits
-from pipeline.losses import LossConfig
-from pipeline.training import StudentLoss
+from pipeline.data.batch import collate_examples, pack
+from pipeline.data.prepared import PreparedData
+from pipeline.data.signals import TopK
+from pipeline.models.logprobs import target_hidden, target_logprobs, vocab_logits
+from pipeline.student.evaluation import example_losses
+from pipeline.student.losses import LossConfig
+from pipeline.student.trainer import StudentLoss
 from stages import prepare
 
 
@@ -71,7 +72,7 @@ def test_training_evaluation_and_sar_use_the_models_own_logits(gemma, batch):
     for inputs in [(collated.input_ids, collated.attention_mask, None, collated.rows, collated.cols),
                    (packed.input_ids, None, packed.position_ids, packed.rows, packed.cols)]:  # padded, packed
         with torch.no_grad():
-            loss, sums = module(*inputs, collated.targets, teacher.indices[None], teacher.values[None], None, 1.0)
+            loss, sums = module(*inputs, collated.targets, TopK(teacher.indices[None], teacher.values[None]), 1.0)
         ce, kd = sums.tolist()
         assert ce == pytest.approx(nll.sum().item(), rel=1e-5)
         assert abs(kd) < 1e-4  # the model's own distribution is no distance from itself

@@ -6,8 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ConfigError, load_config
-from pipeline.losses import EXACT_TAIL_BELOW, LossConfig, LossSums, dense_divergence, distillation_loss, sparse_divergence
+from pipeline.core.config import ConfigError, load_config
+from pipeline.data.signals import Dense, NoTeacher, TopK
+from pipeline.student.losses import (
+    EXACT_TAIL_BELOW, LossConfig, LossSums, dense_divergence, distillation_loss, sparse_divergence,
+)
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl")
 f64 = torch.float64
@@ -251,8 +254,8 @@ def grads(sums, hidden, lm_head, alpha=0.5):
 def test_chunked_equals_unchunked():
     hidden, lm_head, targets, g = tiny_student(0)
     ids, logprobs = sparse_teacher(2, 4, g)
-    whole = distillation_loss(hidden, project(lm_head), targets, ids, logprobs, LossConfig(chunk_tokens=N))
-    chunked = distillation_loss(hidden, project(lm_head), targets, ids, logprobs, LossConfig(chunk_tokens=3))
+    whole = distillation_loss(hidden, project(lm_head), targets, TopK(ids, logprobs), LossConfig(chunk_tokens=N))
+    chunked = distillation_loss(hidden, project(lm_head), targets, TopK(ids, logprobs), LossConfig(chunk_tokens=3))
     assert whole.tokens == chunked.tokens == N
     torch.testing.assert_close(chunked.ce, whole.ce)
     torch.testing.assert_close(chunked.kd, whole.kd)
@@ -264,9 +267,10 @@ def test_teacher_samples_are_averaged():
     hidden, lm_head, targets, g = tiny_student(1)
     ids, logprobs = sparse_teacher(3, 5, g)
     config = LossConfig(chunk_tokens=4)
-    together = distillation_loss(hidden, project(lm_head), targets, ids, logprobs, config)
+    together = distillation_loss(hidden, project(lm_head), targets, TopK(ids, logprobs), config)
     apart = [
-        distillation_loss(hidden, project(lm_head), targets, ids[m : m + 1], logprobs[m : m + 1], config) for m in range(3)
+        distillation_loss(hidden, project(lm_head), targets, TopK(ids[m : m + 1], logprobs[m : m + 1]), config)
+        for m in range(3)
     ]
     torch.testing.assert_close(together.kd, sum(s.kd for s in apart) / 3)
     torch.testing.assert_close(together.ce, apart[0].ce)
@@ -279,12 +283,13 @@ def test_teacher_samples_are_averaged():
 def test_alpha_zero_is_cross_entropy():
     hidden, lm_head, targets, g = tiny_student(2)
     ids, logprobs = sparse_teacher(2, 3, g)
-    sums = distillation_loss(hidden, project(lm_head), targets, ids, logprobs, LossConfig(alpha=0.0, chunk_tokens=4))
+    sums = distillation_loss(hidden, project(lm_head), targets, TopK(ids, logprobs),
+                             LossConfig(alpha=0.0, chunk_tokens=4))
     expected = F.cross_entropy(lm_head(hidden), targets, reduction="sum")
     torch.testing.assert_close(sums.ce, expected)
     torch.testing.assert_close(sums.total(0.0, 1), expected)
     assert sums.kd > 0
-    sft = distillation_loss(hidden, project(lm_head), targets, None, None, LossConfig())
+    sft = distillation_loss(hidden, project(lm_head), targets, NoTeacher(), LossConfig())
     torch.testing.assert_close(sft.ce, expected)
     assert sft.kd == 0
 
@@ -300,8 +305,8 @@ def test_forward_kl_over_samples_has_the_gradient_of_kl_to_their_mean():
     ids = torch.stack([random_permutations(N, V, g) for _ in range(4)])
     hidden, lm_head = hidden.double(), lm_head.double()
     config = LossConfig(alpha=1.0, chunk_tokens=4)
-    samples = distillation_loss(hidden, project(lm_head), targets, ids, teacher.gather(-1, ids), config)
-    mean = distillation_loss(hidden, project(lm_head), targets, None, teacher.exp().mean(0).log()[None], config)
+    samples = distillation_loss(hidden, project(lm_head), targets, TopK(ids, teacher.gather(-1, ids)), config)
+    mean = distillation_loss(hidden, project(lm_head), targets, Dense(teacher.exp().mean(0).log()[None]), config)
     for a, b in zip(grads(samples, hidden, lm_head, alpha=1.0), grads(mean, hidden, lm_head, alpha=1.0)):
         torch.testing.assert_close(a, b)
     assert not torch.allclose(samples.kd, mean.kd)  # equal gradients, different values (entropies)
@@ -312,8 +317,8 @@ def test_dense_teacher_equals_sparse_teacher_with_every_id():
     teacher = (2 * torch.randn(2, N, V, generator=g)).log_softmax(-1)
     ids = torch.stack([random_permutations(N, V, g) for _ in range(2)])
     config = LossConfig(divergence="reverse_kl", chunk_tokens=6)
-    dense = distillation_loss(hidden, project(lm_head), targets, None, teacher, config)
-    sparse = distillation_loss(hidden, project(lm_head), targets, ids, teacher.gather(-1, ids), config)
+    dense = distillation_loss(hidden, project(lm_head), targets, Dense(teacher), config)
+    sparse = distillation_loss(hidden, project(lm_head), targets, TopK(ids, teacher.gather(-1, ids)), config)
     torch.testing.assert_close(dense.kd, sparse.kd)
     for a, b in zip(grads(dense, hidden, lm_head), grads(sparse, hidden, lm_head)):
         torch.testing.assert_close(a, b)
@@ -323,7 +328,8 @@ def test_no_tokens_still_reaches_the_parameters():
     _, lm_head, _, g = tiny_student(5)
     hidden = torch.zeros(0, H, requires_grad=True)
     ids, logprobs = torch.zeros(1, 0, 3, dtype=torch.long), torch.zeros(1, 0, 3)
-    sums = distillation_loss(hidden, project(lm_head), torch.zeros(0, dtype=torch.long), ids, logprobs, LossConfig())
+    sums = distillation_loss(hidden, project(lm_head), torch.zeros(0, dtype=torch.long), TopK(ids, logprobs),
+                             LossConfig())
     assert sums.tokens == 0 and sums.ce == 0 and sums.kd == 0
     (weight_grad,) = torch.autograd.grad(sums.total(0.5, 1), [lm_head.weight])
     assert torch.equal(weight_grad, torch.zeros_like(weight_grad))

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import material, tasks
-from pipeline.errors import MoekdError
+from pipeline.core.errors import MoekdError
+from pipeline.embedded import material, tasks
 
 # ---------------------------------------------------------------- archives
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import fixtures
-from pipeline import diagnostics, mixture
-from pipeline.config import load_config
-from pipeline.errors import MoekdError
-from pipeline.models import load_model
+from pipeline.core.config import load_config
+from pipeline.core.errors import MoekdError
+from pipeline.embedded import mixture
+from pipeline.models.loading import load_model
+from pipeline.teacher import diagnostics
 from stages import diagnose, mix, prepare, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)

@@ -9,11 +9,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, T5Config
 
-from pipeline.errors import MoekdError
-from pipeline.models import (
-    load_model, load_tokenizer, model_identity, resolve_device, resolve_dtype, tokenizer_fingerprint,
-    weights_fingerprint,
-)
+from pipeline.core.errors import MoekdError
+from pipeline.core.processes import resolve_device
+from pipeline.models.identity import model_identity, tokenizer_fingerprint, weights_fingerprint
+from pipeline.models.loading import load_model, load_tokenizer, resolve_dtype
 
 
 def test_dtype_and_device_choice():

@@ -13,11 +13,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fixtures
-import pipeline.data
-from pipeline.cli import main
-from pipeline.batch import collate_examples
-from pipeline.data import PLAIN_TEMPLATE, PLAIN_TEMPLATE_NO_CONTEXT, PreparedData, target_positions
-from pipeline.errors import MoekdError
+import pipeline.data.prepared
+from pipeline.core.errors import MoekdError
+from pipeline.data.batch import collate_examples
+from pipeline.data.prepared import PreparedData, target_positions
+from pipeline.data.template import PLAIN_TEMPLATE, PLAIN_TEMPLATE_NO_CONTEXT
+from stages.cli import main
 from stages.prepare import Config, run
 
 EXAMPLE_CONFIG = Path(__file__).parent.parent / "configs" / "prepare.yaml"
@@ -326,7 +327,7 @@ def test_prepared_data_reader_errors(tmp_path, tokenizer_dir, records):
 
 
 def test_rows_slices_across_row_groups(tmp_path, tokenizer_dir, records, monkeypatch):
-    monkeypatch.setattr(pipeline.data, "ROW_GROUP_SIZE", 5)
+    monkeypatch.setattr(pipeline.data.prepared, "ROW_GROUP_SIZE", 5)
     data = prepare([fixtures.write_jsonl(tmp_path / "d.jsonl", records)], tmp_path / "out", tokenizer_dir)
     assert data.file.num_row_groups == 5
     table = pq.read_table(tmp_path / "out" / "data.parquet").to_pylist()

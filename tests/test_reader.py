@@ -1,4 +1,4 @@
-"""pipeline.reader: seeded epoch plans, rank splits, resume positions, length grouping, the reader thread."""
+"""pipeline.data.reader: seeded epoch plans, rank splits, resume positions, length grouping, the reader thread."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache_format import Manifest, encoding_spec, write_shard
-from pipeline.data import PreparedData, target_positions
-from pipeline.errors import MoekdError
-from pipeline.batch import collate_examples, collate_records, one_sample_per_sequence
-from pipeline.reader import CacheShards, PreparedShards, Reader
+from pipeline.cache.identity import CacheIdentity, encoding_spec
+from pipeline.cache.manifest import Manifest
+from pipeline.cache.shards import write_shard
+from pipeline.core.errors import MoekdError
+from pipeline.data.batch import collate_examples, collate_records, one_sample_per_sequence
+from pipeline.data.prepared import PreparedData, target_positions
+from pipeline.data.reader import CacheShards, PreparedShards, Reader
 from stages import prepare
 from test_cache_format import make_records
 
@@ -25,7 +27,7 @@ M, K, VOCAB = 3, 4, 50
 
 def write_cache(directory, aggregate=False):
     encoding = dict(vocab_size=VOCAB, k=K, num_samples=M, with_aggregate=aggregate)
-    manifest = Manifest.open(directory, {"encoding": encoding_spec(**encoding)}, {}, overwrite=False)
+    manifest = Manifest.open(directory, CacheIdentity({"encoding": encoding_spec(**encoding)}), {}, overwrite=False)
     first = 0
     for index, rows in enumerate(SHARD_ROWS):
         records = make_records(rows, M=M, k=K, vocab=VOCAB, min_T=0, max_T=12, seed=index, first_id=first,
@@ -169,7 +171,7 @@ def growing_cache(directory, committed: int, shards: int = 4, rows: int = 5):
     encoding = dict(vocab_size=VOCAB, k=K, num_samples=M, with_aggregate=False)
     identity = {"encoding": encoding_spec(**encoding), "rows": shards * rows, "shard_size": rows,
                 "num_shards": shards}
-    manifest = Manifest.open(directory, identity, {}, overwrite=False)
+    manifest = Manifest.open(directory, CacheIdentity(identity), {}, overwrite=False)
     for index in range(committed):
         records = make_records(rows, M=M, k=K, vocab=VOCAB, max_T=4, seed=index, first_id=index * rows)
         manifest.commit(write_shard(directory, index, records, **encoding))
@@ -219,21 +221,21 @@ def test_closing_the_stream_stops_the_thread(cache):
 def test_collated_targets_and_teacher_line_up_with_the_records(cache):
     records = CacheShards(cache).read(0)[:5]
     batch = collate_records(records, pad_id=0)
-    assert batch.teacher_ids.shape == (M, batch.tokens, K) and batch.tokens == sum(len(r.positions) for r in records)
+    assert batch.teacher.ids.shape == (M, batch.tokens, K) and batch.tokens == sum(len(r.positions) for r in records)
     for i, record in enumerate(records):
         mine = batch.rows == i
         assert batch.cols[mine].tolist() == record.positions.tolist()
         assert batch.targets[mine].tolist() == record.input_ids[record.positions + 1].tolist()
-        assert torch.equal(batch.teacher_ids[:, mine], torch.from_numpy(record.topk_ids))
-        assert torch.equal(batch.teacher_logprobs[:, mine], torch.from_numpy(record.topk_logprobs))
+        assert torch.equal(batch.teacher.ids[:, mine], torch.from_numpy(record.topk_ids))
+        assert torch.equal(batch.teacher.logprobs[:, mine], torch.from_numpy(record.topk_logprobs))
         assert batch.attention_mask[i].sum() == len(record.input_ids)
 
 
 def test_the_aggregate_replaces_the_samples(tmp_path):
     records = CacheShards(write_cache(tmp_path, aggregate=True)).read(0)[:4]
     batch = collate_records(records, pad_id=0, aggregate=True)
-    assert torch.equal(batch.teacher_ids[0], torch.from_numpy(np.concatenate([r.agg_ids for r in records])))
-    assert batch.teacher_ids.shape[0] == 1
+    assert torch.equal(batch.teacher.ids[0], torch.from_numpy(np.concatenate([r.agg_ids for r in records])))
+    assert batch.teacher.ids.shape[0] == 1
 
 
 def test_one_sample_is_drawn_per_sequence_from_seed_step_and_seq_id(cache):
@@ -243,14 +245,14 @@ def test_one_sample_is_drawn_per_sequence_from_seed_step_and_seq_id(cache):
     choices = []
     for i, record in enumerate(records):
         mine = picked.rows == i
-        matches = [m for m in range(M) if torch.equal(picked.teacher_ids[0, mine], torch.from_numpy(record.topk_ids[m]))]
+        matches = [m for m in range(M) if torch.equal(picked.teacher.ids[0, mine], torch.from_numpy(record.topk_ids[m]))]
         assert matches  # every token of a sequence comes from one of its samples
         choices.append(matches)
     assert len({tuple(c) for c in choices if len(c) == 1}) > 1  # not always the same sample
     alone = one_sample_per_sequence(collate_records(records[3:5], pad_id=0), seed=7, step=3)
-    assert torch.equal(alone.teacher_ids, picked.teacher_ids[:, (picked.rows == 3) | (picked.rows == 4)])
+    assert torch.equal(alone.teacher.ids, picked.teacher.ids[:, (picked.rows == 3) | (picked.rows == 4)])
     other_step = one_sample_per_sequence(whole, seed=7, step=4)
-    assert not torch.equal(other_step.teacher_ids, picked.teacher_ids)
+    assert not torch.equal(other_step.teacher.ids, picked.teacher.ids)
 
 
 # ---------------------------------------------------------------- prepared data

@@ -17,14 +17,14 @@ import fsspec
 import pytest
 
 import fixtures
-from pipeline.cache_format import Manifest, verify_cache
-from pipeline.cli import main
-from pipeline.errors import MoekdError
-from pipeline.losses import LossConfig
-from pipeline.storage import RemoteStore
-from pipeline.training import OptimConfig
+from pipeline.cache.manifest import Manifest, verify_cache
+from pipeline.cache.storage import RemoteStore
+from pipeline.core.errors import MoekdError
+from pipeline.student.losses import LossConfig
+from pipeline.student.trainer import OptimConfig
 from s3server import s3_bucket, s3_server  # noqa: F401 - fixtures
 from stages import train
+from stages.cli import main
 
 CACHE = ["top_k=8", "shard_size=4", "batch_size=4", "device=cpu", "routing.mode=ka", "routing.samples=2",
          "routing.lam=0.5"]
@@ -62,7 +62,7 @@ def run_cache(output: str, teacher: Path, data: Path, *extra: str) -> None:
 
 
 def cache_command(output: str, teacher: Path, data: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "cache", output, f"teacher={teacher}", f"data={data}", *CACHE]
+    return [sys.executable, "-m", "stages.cli", "cache", output, f"teacher={teacher}", f"data={data}", *CACHE]
 
 
 def objects(server, url: str) -> dict[str, bytes]:
@@ -259,7 +259,7 @@ class FailingFilesystem:
                                                     (501, "NotImplemented", 1), (503, "SlowDown", 4),
                                                     (500, "InternalError", 4), (400, "RequestTimeout", 4)])
 def test_only_transient_failures_are_retried(status, code, attempts, monkeypatch):
-    monkeypatch.setattr("pipeline.storage.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("pipeline.cache.storage.time.sleep", lambda seconds: None)
     failing = FailingFilesystem(status, code)
     store = RemoteStore(failing, "bucket/cache", "s3://bucket/cache")
     message = f"s3://bucket/cache/manifest.json: the server said {code} \\(HTTP {status}\\)"

@@ -13,9 +13,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import fixtures
-from pipeline.config import from_dict
-from pipeline.errors import MoekdError
-from pipeline.routing import RoutingConfig, RoutingHooks, find_routers, load_balancing_loss
+from pipeline.core.config import from_dict
+from pipeline.core.errors import MoekdError
+from pipeline.teacher.families import find_routers
+from pipeline.teacher.routing import RoutingConfig, RoutingHooks, load_balancing_loss
 
 FAMILIES = fixtures.FAMILIES
 NUM_EXPERTS, TOP_K = 4, 2  # every fixture family

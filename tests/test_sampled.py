@@ -12,15 +12,17 @@ import pytest
 import torch
 
 import fixtures
-from pipeline.batch import collate_examples, collate_records
-from pipeline.cache_format import Manifest, read_shard, verify_cache, write_shard
-from pipeline.capture import MAX_DRAWS, mixture_logprobs, sample_hidden, teacher_draws
-from pipeline.cli import main
-from pipeline.data import PreparedData
-from pipeline.errors import MoekdError
-from pipeline.losses import sampled_forward_kl
-from pipeline.models import load_model
-from pipeline.routing import RoutingConfig, RoutingHooks
+from pipeline.cache.manifest import Manifest, verify_cache
+from pipeline.cache.shards import read_shard, write_shard
+from pipeline.core.errors import MoekdError
+from pipeline.data.batch import collate_examples, collate_records
+from pipeline.data.prepared import PreparedData
+from pipeline.data.signals import Sampled
+from pipeline.models.loading import load_model
+from pipeline.student.losses import sampled_forward_kl
+from pipeline.teacher.capture import MAX_DRAWS, mixture_logprobs, sample_hidden, teacher_draws
+from pipeline.teacher.routing import RoutingConfig, RoutingHooks
+from stages.cli import main
 from test_cache import run_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
@@ -93,7 +95,7 @@ def test_ka_draws_follow_the_mixture_of_the_samples(tmp_path, tokenizer_dir, pre
 
 def test_a_sampled_cache_is_small_exact_on_rerun_and_verified(tmp_path, reference, moe_dir, prepared):
     manifest = Manifest.load(reference)
-    assert manifest.identity["encoding"]["storage"] == "sampled" and verify_cache(reference) == []
+    assert manifest.identity.encoding.storage == "sampled" and verify_cache(reference) == []
     again = tmp_path / "again"
     absurd = [setting for setting in SAMPLED if not setting.startswith("draws=")] + [f"draws={MAX_DRAWS + 1}"]
     with pytest.raises(MoekdError, match=f"draws={MAX_DRAWS + 1} exceeds {MAX_DRAWS}, the most tokens per target"):
@@ -117,7 +119,7 @@ def test_a_sampled_cache_is_small_exact_on_rerun_and_verified(tmp_path, referenc
 
 
 def test_sigkill_then_resume_is_byte_identical(tmp_path, moe_dir, prepared, reference):
-    command = [sys.executable, "-m", "pipeline.cli", "cache", str(tmp_path / "killed"), f"teacher={moe_dir('mixtral')}",
+    command = [sys.executable, "-m", "stages.cli", "cache", str(tmp_path / "killed"), f"teacher={moe_dir('mixtral')}",
                f"data={prepared}", "shard_size=2", *SAMPLED]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=fixtures.SUBPROCESS_ENV)
     fixtures.wait_for_commits(tmp_path / "killed", 3, process)
@@ -135,13 +137,13 @@ def test_training_from_a_sampled_cache_and_its_refusals(tmp_path, reference, stu
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 4 and all(r["kd"] > 0 for r in records)
     batch = collate_records(Manifest.load(reference).read_shard(0), 0)
-    assert batch.teacher_logprobs is None and torch.allclose(batch.teacher_weights.sum(-1), torch.ones(1))
+    assert isinstance(batch.teacher, Sampled) and torch.allclose(batch.teacher.weights.sum(-1), torch.ones(1))
     for override in ("loss.divergence=reverse_kl", "loss.temperature=2", "ka_samples=one", "ka_samples=aggregate"):
         capsys.readouterr()
         assert main([*args[:2], *args[2:], override, "--output", str(tmp_path / override)]) == 2
         assert "is a sampled cache" in capsys.readouterr().err
     with pytest.raises(MoekdError, match="sampled cache: the KL to a teacher needs its probabilities"):
-        from pipeline.evaluation import cache_kl
+        from pipeline.student.evaluation import cache_kl
         cache_kl(load_model(student_dir, dtype="float32", device="cpu"), reference)
 
 

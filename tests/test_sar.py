@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import types
 import json
 import shutil
 import subprocess
@@ -22,27 +21,31 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fixtures
-from pipeline.cache_format import Manifest, read_shard
-from pipeline.cli import main
-from pipeline.config import ConfigError, load_config
-from pipeline.data import PreparedData
-from pipeline.errors import MoekdError
-from pipeline.evaluation import generate_ids, stop_token_ids
-from pipeline.files import sha256_file
-from pipeline.models import load_model, load_tokenizer, model_identity
-from pipeline.batch import collate_examples
-from pipeline.logprobs import target_logprobs
-from pipeline.reader import PreparedShards, Reader
-from pipeline.routers import apply_routers, read_routers, save_routers
-from pipeline.routing import RoutingHooks, find_routers
-from pipeline.sar import (
+from pipeline.cache.manifest import Manifest
+from pipeline.cache.shards import read_shard
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.errors import MoekdError
+from pipeline.core.files import sha256_file
+from pipeline.core.processes import Distributed
+from pipeline.core.seeding import generator
+from pipeline.data.batch import collate_examples
+from pipeline.data.prepared import PreparedData
+from pipeline.data.reader import PreparedShards, Reader
+from pipeline.models.identity import model_identity
+from pipeline.models.loading import load_model, load_tokenizer
+from pipeline.models.logprobs import target_logprobs
+from pipeline.student.checkpoints import load_trainer_state
+from pipeline.student.generation import generate_ids, stop_token_ids
+from pipeline.student.sar import (
     RouterConfig, RouterOptimConfig, RouterTrainer, SarRoutingConfig, checkpoint_teacher_layers, on_policy_examples,
     train_routers_only,
 )
-from pipeline.seeding import generator
-from pipeline.teacher import AdaptedTeacher
-from pipeline.training import Distributed, Trainer, load_trainer_state
+from pipeline.student.trainer import Trainer
+from pipeline.teacher.families import find_routers
+from pipeline.teacher.routers import apply_routers, read_routers, save_routers
+from pipeline.teacher.routing import RoutingHooks
 from stages import cache, sar
+from stages.cli import main
 
 REPO, SUBPROCESS_ENV = fixtures.REPO, fixtures.SUBPROCESS_ENV
 PAD = 0  # <|endoftext|>, the fixture tokenizer's pad token
@@ -88,7 +91,8 @@ def router_trainer(directory: Path, **router) -> RouterTrainer:
     teacher = load_model(directory, dtype="float32", device="cpu")
     routing = RoutingHooks(teacher, SarRoutingConfig())
     routers = train_routers_only(teacher, routing.routers)
-    return RouterTrainer(teacher, routing, routers, RouterConfig(**{"optim": FAST} | router), 100, Distributed("cpu"))
+    return RouterTrainer(teacher, routing, routers, config=RouterConfig(**{"optim": FAST} | router), total_steps=100,
+                         processes=Distributed("cpu"))
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -214,8 +218,8 @@ def test_a_cache_of_the_adapted_teacher_is_its_own(tmp_path, teacher_dir, prepar
         return Manifest.load(output)
 
     plain, adapted = run_cache(tmp_path / "plain"), run_cache(tmp_path / "adapted", f"routers={files[3]}")
-    assert "routers" not in plain.identity["teacher"]
-    assert adapted.identity["teacher"] == plain.identity["teacher"] | {"routers": sha256_file(files[3])}
+    assert "routers" not in plain.identity.teacher
+    assert adapted.identity.teacher == plain.identity.teacher | {"routers": sha256_file(files[3])}
     records = {name: read_shard(fixtures.shard_file(tmp_path / name, 0), rows=[0])[0]
                for name in ("plain", "adapted")}
     teacher = load_model(directory, dtype="float32", device="cpu")
@@ -312,7 +316,7 @@ def test_bfloat16_and_recomputation_keep_float32_routers(tmp_path, teacher_dir, 
 
 
 def cli_sar(output: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "sar", str(output), *args]
+    return [sys.executable, "-m", "stages.cli", "sar", str(output), *args]
 
 
 def test_sigkill_then_rerun_gives_the_uninterrupted_on_policy_run(tmp_path, teacher_dir, prepared, tokenizer_dir):
@@ -346,7 +350,7 @@ def test_two_processes_match_one_process_with_both_ranks_batches(
               "--shuffle-shards", "1", "--device", "cpu", "--dtype", "float32", "optim.lr=0.003",
               "optim.warmup_steps=1", "router.optim.lr=0.01", "router.optim.warmup_steps=1"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "pipeline.cli", "sar", str(tmp_path / "ddp"), *common, f"parallel={parallel}"]
+               "-m", "stages.cli", "sar", str(tmp_path / "ddp"), *common, f"parallel={parallel}"]
     done = subprocess.run(command, env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -360,16 +364,15 @@ def test_two_processes_match_one_process_with_both_ranks_batches(
                for rank in range(2)]
     streams = [list(reader.batches(0, 0, steps)) for reader in readers]
     student = load_model(student_dir, dtype="float32", device="cpu").train()
-    trainer = Trainer(student, config.optim, config.loss, steps, Distributed("cpu"))
+    trainer = Trainer(student, optim=config.optim, loss=config.loss, total_steps=steps, processes=Distributed("cpu"))
     teacher = load_model(teacher_dir("mixtral"), dtype="float32", device="cpu")
     routing = RoutingHooks(teacher, config.routing)
-    routers = train_routers_only(teacher, routing.routers)
-    router_trainer = RouterTrainer(teacher, routing, routers, config.router, steps, Distributed("cpu"))
-    teacher = AdaptedTeacher(str(prepared), shard_size, str(teacher_dir("mixtral")), teacher, routing,
-                             contextlib.nullcontext)
-    run = types.SimpleNamespace(student=student, trainer=trainer, teacher=teacher, pad_id=PAD,
-                                processes=Distributed("cpu"), autocast=contextlib.nullcontext)
-    step = sar.Step(config, run, router_trainer, stop_token_ids(load_tokenizer(student_dir), student))
+    routers, adapted = sar.adapt(config, teacher, routing, contextlib.nullcontext)  # the stage's own wiring
+    router_trainer = RouterTrainer(teacher, routing, routers, config=config.router, total_steps=steps,
+                                   processes=Distributed("cpu"))
+    step = sar.Step(config=config, student=student, trainer=trainer, teacher=adapted, router_trainer=router_trainer,
+                    pad_id=PAD, stop_ids=stop_token_ids(load_tokenizer(student_dir), student),
+                    autocast=contextlib.nullcontext)
     for index, logged in enumerate(metrics(tmp_path / "ddp")):
         expected = step([streams[0][index], streams[1][index]])  # both ranks' batches in one process
         for key in ("loss", "ce", "kd", "grad_norm", "router_loss", "kl", "balance", "router_grad_norm"):

@@ -6,8 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.statistics import (Measured, _crossed_variance, compare, macro, paired_difference, spread,
-                                  t_quantile, task_metric)
+from pipeline.student.statistics import (
+    Measured, _crossed_variance, compare, macro, paired_difference, spread, t_quantile, task_metric,
+)
 
 
 def test_metrics_are_token_weighted_ratios_of_sums():

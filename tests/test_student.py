@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import fixtures
-from pipeline.data import Template, calibration_ids
-from pipeline.errors import MoekdError
-from pipeline.student_init import Width, choose_width, importance, make_student, refit_down
+from pipeline.core.errors import MoekdError
+from pipeline.core.files import read_json
+from pipeline.data.template import Template, calibration_ids
+from pipeline.embedded.student_init import Width, choose_width, importance, make_student, refit_down
 from stages import student as student_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
@@ -124,7 +125,7 @@ def test_student_stage_prunes_width_and_depth_and_refuses_bad_widths(tmp_path, t
     assert "1 of 2 layers, FFN 64 of 128 neurons, 2 of 4 heads" in capsys.readouterr().out
     student = AutoModelForCausalLM.from_pretrained(output)
     assert (student.config.num_hidden_layers, student.config.intermediate_size) == (1, 64)
-    report = student_stage.read_json(output / student_stage.REPORT)
+    report = read_json(output / student_stage.REPORT)
     assert len(report["kept"]["neurons"]) == 2 and len(report["kept"]["neurons"][1]) == 64
     student_stage.run(config)
     assert "already holds this student; nothing to do" in capsys.readouterr().out

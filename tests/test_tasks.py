@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from pipeline import tasks
+from pipeline.embedded import tasks, vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -72,22 +72,22 @@ def test_answers_are_right(suite):
         assert refs == [text[::-1]]
     for text, refs in answers(suite, "time/day_before"):
         n, start = re.fullmatch(r"(\d+) days? before (\w+)", text).groups()
-        assert tasks.WEEKDAYS.index(refs[0]) == (tasks.WEEKDAYS.index(start) - int(n)) % 7
+        assert vocabulary.WEEKDAYS.index(refs[0]) == (vocabulary.WEEKDAYS.index(start) - int(n)) % 7
     for text, refs in answers(suite, "time/clock_after"):
         n, hour = map(int, re.fullmatch(r"(\d+) hours? after (\d+) o'clock", text).groups())
         assert refs == [f"{(hour + n - 1) % 12 + 1} o'clock"]
     for text, refs in answers(suite, "language/negative"):
         assert " not " in refs[0] and refs[0].split()[0] == text.split()[0]
-    capitals = {c[0]: c[1] for c in tasks.COUNTRIES}
+    capitals = {c[0]: c[1] for c in vocabulary.COUNTRIES}
     for text, refs in answers(suite, "facts/capital"):
         assert refs == capitals[text]
 
 
 def test_draws_are_uniform_within_bounds():
-    draw = tasks.Draw(7)
+    draw = vocabulary.Draw(7)
     values = [draw.integer(3, 6) for _ in range(4000)]
     assert set(values) == {3, 4, 5, 6}
     assert max(collections.Counter(values).values()) < 1.15 * 1000
     picked = draw.sample(range(10), 10)
     assert sorted(picked) == list(range(10))
-    assert tasks.Draw(7).integer(0, 10 ** 6) == tasks.Draw(7).integer(0, 10 ** 6)
+    assert vocabulary.Draw(7).integer(0, 10 ** 6) == vocabulary.Draw(7).integer(0, 10 ** 6)

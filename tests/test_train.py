@@ -22,18 +22,20 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fixtures
-from pipeline.cli import main
-from pipeline.config import ConfigError, load_config
-from pipeline.errors import MoekdError
-from pipeline.losses import LossConfig
-from pipeline.models import load_model
-from pipeline.data import PreparedData
-from pipeline.batch import collate_examples, collate_records, pack
-from pipeline.reader import CacheShards, PreparedShards, Reader
-from pipeline.routing import RoutingConfig
-from pipeline.teacher import OnlineTeacher
-from pipeline.training import Distributed, OptimConfig, Trainer, load_trainer_state
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.errors import MoekdError
+from pipeline.core.processes import Distributed
+from pipeline.data.batch import collate_examples, collate_records, pack
+from pipeline.data.prepared import PreparedData
+from pipeline.data.reader import CacheShards, PreparedShards, Reader
+from pipeline.models.loading import load_model
+from pipeline.student.checkpoints import load_trainer_state
+from pipeline.student.losses import LossConfig
+from pipeline.student.trainer import OptimConfig, Trainer
+from pipeline.teacher.routing import RoutingConfig
+from pipeline.teacher.sources import OnlineTeacher
 from stages import cache, prepare, train
+from stages.cli import main
 
 REPO, SUBPROCESS_ENV = fixtures.REPO, fixtures.SUBPROCESS_ENV
 KA = RoutingConfig(mode="ka", samples=2, lam=0.5)
@@ -129,13 +131,14 @@ def test_the_teacher_in_the_loop_computes_the_cached_records(splits, teacher, ka
     for seed in (KA.seed, KA.seed + 1):
         routing = RoutingConfig(mode="ka", samples=2, lam=0.5, seed=seed)
         with contextlib.ExitStack() as stack:
-            online = OnlineTeacher(str(splits["train"]), SHARD_SIZE, str(teacher), routing, 32, False, torch.float32,
-                                   torch.device("cpu"), stack).teach(prepared)
-        order = online.teacher_ids.argsort(-1)  # the cache stores each token's ids in ascending order
-        computed[seed] = (online.teacher_ids.gather(-1, order), online.teacher_logprobs.gather(-1, order))
+            online = OnlineTeacher(data=str(splits["train"]), shard_size=SHARD_SIZE, teacher=str(teacher),
+                                   routing=routing, top_k=32, aggregate=False, dtype=torch.float32,
+                                   device=torch.device("cpu"), stack=stack).teach(prepared)
+        order = online.teacher.ids.argsort(-1)  # the cache stores each token's ids in ascending order
+        computed[seed] = (online.teacher.ids.gather(-1, order), online.teacher.logprobs.gather(-1, order))
     ids, logprobs = computed[KA.seed]
-    assert torch.equal(ids, cached.teacher_ids)
-    assert ((logprobs - cached.teacher_logprobs).abs() <= 2.0**-11 * logprobs.abs() + 2.0**-25).all()
+    assert torch.equal(ids, cached.teacher.ids)
+    assert ((logprobs - cached.teacher.logprobs).abs() <= 2.0**-11 * logprobs.abs() + 2.0**-25).all()
     other_ids, other_logprobs = computed[KA.seed + 1]  # other KA draws: other distributions
     assert not torch.equal(other_ids, ids) and (other_logprobs - logprobs).abs().max() > 0.1
 
@@ -145,7 +148,8 @@ def test_micro_batches_step_like_one_batch(ka_cache, student_dir):
     after = []
     for batches in ([records[:2], records[2:]], [records]):  # 2 + 5 sequences, unequal token counts
         model = load_model(student_dir, dtype="float32", device="cpu").train()
-        trainer = Trainer(model, OptimConfig(lr=1.0, warmup_steps=0, grad_clip=0), LossConfig(), 1, Distributed("cpu"))
+        trainer = Trainer(model, optim=OptimConfig(lr=1.0, warmup_steps=0, grad_clip=0), loss=LossConfig(),
+                          total_steps=1, processes=Distributed("cpu"))
         # Plain SGD at lr 1 moves each weight by exactly its gradient (AdamW's first step is about
         # lr * sign(gradient), which would hide a wrongly scaled gradient).
         trainer.optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -162,7 +166,7 @@ def test_two_processes_match_one_process_with_both_ranks_batches(tmp_path, ka_ca
     steps, accum, batch_size = 3, 2, 2
     optim = OptimConfig(lr=3e-3, warmup_steps=1, grad_accum=accum)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "pipeline.cli", "train", str(tmp_path / "ddp"), "--student", str(student_dir),
+               "-m", "stages.cli", "train", str(tmp_path / "ddp"), "--student", str(student_dir),
                "--cache", str(ka_cache), "--max-steps", str(steps), "--batch-size", str(batch_size),
                "--shuffle-shards", "1", "--device", "cpu", "--dtype", "float32", "optim.lr=0.003",
                "optim.warmup_steps=1", f"optim.grad_accum={accum}", f"parallel={parallel}"]
@@ -174,7 +178,7 @@ def test_two_processes_match_one_process_with_both_ranks_batches(tmp_path, ka_ca
                       world_size=2, collate=functools.partial(collate_records, pad_id=PAD)) for rank in range(2)]
     streams = [list(reader.batches(0, 0, steps * accum)) for reader in readers]
     model = load_model(student_dir, dtype="float32", device="cpu").train()
-    trainer = Trainer(model, optim, LossConfig(), steps, Distributed("cpu"))
+    trainer = Trainer(model, optim=optim, loss=LossConfig(), total_steps=steps, processes=Distributed("cpu"))
     for step, logged in enumerate(metrics(tmp_path / "ddp")):
         mine = slice(step * accum, (step + 1) * accum)
         expected = trainer.step(streams[0][mine] + streams[1][mine])  # both ranks' micro-batches in one process
@@ -189,7 +193,7 @@ def test_a_refusal_on_two_ranks_ends_both_cleanly(tmp_path, ka_cache, student_di
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken/run.json").write_text('{"config": {}}')  # another run's directory
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "pipeline.cli", "train", str(tmp_path / "taken"), "--student", str(student_dir),
+               "-m", "stages.cli", "train", str(tmp_path / "taken"), "--student", str(student_dir),
                "--cache", str(ka_cache), "--max-steps", "1", "--device", "cpu"]
     done = subprocess.run(command, env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
@@ -206,10 +210,10 @@ def test_a_sharded_run_resumes_on_two_ranks_as_it_ran_and_on_one_with_the_rest_o
             "keep_checkpoints=10", "keep_checkpoints_at_end=true", f"eval_data={splits['test']}", "eval_every=2",
             "eval_max_examples=8"]
     on_two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-              "pipeline.cli", "train"]
+              "stages.cli", "train"]
     run = lambda launcher, output: subprocess.run([*launcher, str(output), *args], env=SUBPROCESS_ENV,  # noqa: E731
                                                   cwd=REPO, capture_output=True, text=True, timeout=300)
-    for name, launcher in (("two", on_two), ("one", [sys.executable, "-m", "pipeline.cli", "train"])):
+    for name, launcher in (("two", on_two), ("one", [sys.executable, "-m", "stages.cli", "train"])):
         done = run(on_two, tmp_path / name)
         assert done.returncode == 0, done.stderr[-3000:]
         if name == "two":
@@ -228,8 +232,8 @@ def test_a_sharded_run_resumes_on_two_ranks_as_it_ran_and_on_one_with_the_rest_o
     assert_same_weights(weights(tmp_path / "two/final"), whole_weights, atol=1e-6)
     checkpoint = tmp_path / f"one/checkpoints/step-{at:08d}"
     model = load_model(checkpoint, dtype="float32", device="cpu").train()
-    trainer = Trainer(model, OptimConfig(lr=3e-3, warmup_steps=1, grad_accum=accum), LossConfig(), steps,
-                      Distributed("cpu"))
+    trainer = Trainer(model, optim=OptimConfig(lr=3e-3, warmup_steps=1, grad_accum=accum), loss=LossConfig(),
+                      total_steps=steps, processes=Distributed("cpu"))
     trainer.load_state_dict(load_trainer_state(checkpoint)["trainer"])
     reader = Reader(CacheShards(ka_cache), batch_size=batch_size, shuffle_shards=1, seed=0,
                     collate=functools.partial(collate_records, pad_id=PAD))
@@ -248,7 +252,7 @@ def test_a_run_resumes_with_the_other_kind_of_parallelism_both_ways(tmp_path, sp
             "float32", "optim.lr=0.003", "optim.warmup_steps=1", "save_every=1", "keep_checkpoints=3",
             "keep_checkpoints_at_end=true"]
     on_two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-              "pipeline.cli", "train", str(tmp_path / "run"), *args]
+              "stages.cli", "train", str(tmp_path / "run"), *args]
     whole = None
     for parallel, at in (("fsdp", steps), ("ddp", 1), ("fsdp", 2)):  # fsdp's checkpoint resumed by ddp, and back
         if whole is not None:  # interrupted after step `at`
@@ -279,7 +283,7 @@ def test_gradient_checkpointing_changes_nothing_and_bfloat16_runs_on_cpu(tmp_pat
 # ---------------------------------------------------------------- interruption
 
 def cli_train(output: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "train", str(output), *args]
+    return [sys.executable, "-m", "stages.cli", "train", str(output), *args]
 
 
 def test_training_on_the_top_entries_of_a_cache_equals_training_on_a_cache_of_that_k(
@@ -295,11 +299,11 @@ def test_training_on_the_top_entries_of_a_cache_equals_training_on_a_cache_of_th
     rows = CacheShards(ka_cache).read(0)
     kept = collate_records(rows, PAD, top_k=8)
     stored = collate_records(CacheShards(small).read(0), PAD)
-    same = (kept.teacher_ids == stored.teacher_ids).all(-1)
+    same = (kept.teacher.ids == stored.teacher.ids).all(-1)
     assert same.float().mean() > 0.95  # the same 8 ids at almost every target, and then the same log-probs
-    assert torch.equal(kept.teacher_logprobs[same], stored.teacher_logprobs[same])
+    assert torch.equal(kept.teacher.logprobs[same], stored.teacher.logprobs[same])
     # elsewhere the same 8 values, the last of them tied with the id it replaces
-    assert torch.equal(kept.teacher_logprobs.sort(-1).values, stored.teacher_logprobs.sort(-1).values)
+    assert torch.equal(kept.teacher.logprobs.sort(-1).values, stored.teacher.logprobs.sort(-1).values)
     full = run_train(tmp_path / "full", student_dir, cache=ka_cache)
     assert abs(full[-1]["kd"] - subset[-1]["kd"]) > 1e-2  # the subset really changed the teacher
     with pytest.raises(MoekdError, match="cache_top_k=64: teacher cache .* holds the top 32; give at most its k"):
@@ -308,7 +312,7 @@ def test_training_on_the_top_entries_of_a_cache_equals_training_on_a_cache_of_th
 
 def test_training_on_some_shards_of_a_cache_reads_those_only(tmp_path, ka_cache, student_dir):
     records = run_train(tmp_path / "run", student_dir, cache=ka_cache, cache_shards=[2], max_steps=None, epochs=1)
-    shard = CacheShards(ka_cache, [2])
+    shard = CacheShards(ka_cache, subset=[2])
     assert len(shard) == 1 and records[-1]["tokens"] == int(shard.index(0)[1].sum())  # every target, once
     assert len(records) == -(-len(shard.index(0)[0]) // 4)  # its rows in batches of 4
     with pytest.raises(MoekdError, match="cache_shards: teacher cache .* has no shard 99"):

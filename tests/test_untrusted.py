@@ -11,8 +11,8 @@ import errno
 import importlib
 import io
 import json
-import re
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -22,16 +22,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import fixtures
-from pipeline.cache_format import Manifest, verify_cache
-from pipeline.cli import main
-from pipeline.config import config_hash
-from pipeline.errors import MoekdError
-from pipeline.files import FileLock
-from pipeline.models import REMOTE_CODE, load_model
-from pipeline.training import (
-    CHECKPOINT_RECORD, RUN_LOCK, TRAINER_STATE, check_checkpoint, checkpoint_record, load_trainer_state,
+from pipeline.cache.manifest import Manifest, verify_cache
+from pipeline.core.config import config_hash
+from pipeline.core.errors import MoekdError
+from pipeline.core.files import FileLock
+from pipeline.models.loading import REMOTE_CODE, load_model
+from pipeline.student.checkpoints import (
+    CHECKPOINT_RECORD, TRAINER_STATE, check_checkpoint, checkpoint_record, load_trainer_state,
 )
+from pipeline.student.rundir import RUN_LOCK
 from stages import cache, prepare, train
+from stages.cli import main
 from test_files import no_hang
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)

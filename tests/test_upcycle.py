@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
 
 import fixtures
-from pipeline.data import calibration_ids
-from pipeline.files import read_json
-from pipeline.errors import MoekdError
-from pipeline.models import tokenizer_fingerprint
-from pipeline.student_init import check_layers, make_student
-from pipeline.upcycle import Layout, check_layout, check_source, upcycle
+from pipeline.core.errors import MoekdError
+from pipeline.core.files import read_json
+from pipeline.data.template import calibration_ids
+from pipeline.embedded.student_init import check_layers, make_student
+from pipeline.embedded.upcycle import Layout, check_layout, check_source, upcycle
+from pipeline.models.identity import tokenizer_fingerprint
 from stages import student as student_stage
 from stages import upcycle as upcycle_stage
 
@@ -427,7 +427,7 @@ def test_student_stage_writes_a_loadable_student_and_reuses_it(tmp_path, dense_d
     assert tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(source_tokenizer)
     text = "Sort the words alphabetically."
     assert tokenizer(text)["input_ids"] == source_tokenizer(text)["input_ids"]
-    report = student_stage.read_json(output / student_stage.REPORT)
+    report = read_json(output / student_stage.REPORT)
     assert report["settings"]["keep_layers"] == [0, 2]
     assert report["parameters"] < report["source_parameters"]
 
@@ -453,7 +453,7 @@ def test_student_stage_writes_a_loadable_student_and_reuses_it(tmp_path, dense_d
 
 
 def test_cli_runs_both_stages_with_nested_overrides(tmp_path, dense_dir, instructions_jsonl, capsys):
-    from pipeline.cli import main
+    from stages.cli import main
 
     teacher = tmp_path / "teacher"
     args = ["upcycle", "--source", str(dense_dir), "--calibration", str(instructions_jsonl), "--output", str(teacher),

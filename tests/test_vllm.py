@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import fixtures
-from pipeline.cache_format import Manifest
-from pipeline.routing import RoutingConfig, ka_draws
+from pipeline.cache.manifest import Manifest
+from pipeline.teacher.routing import RoutingConfig, ka_draws
 from stages import cache
 from test_routing import inclusion_probabilities
 
@@ -80,7 +80,7 @@ def vllm_caches(tmp_path_factory):
 
 
 def vllm_cache(output: Path, teacher: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [str(VLLM_PYTHON), "-m", "pipeline.cli", "cache", str(output), f"teacher={teacher}", f"data={data}",
+    command = [str(VLLM_PYTHON), "-m", "stages.cli", "cache", str(output), f"teacher={teacher}", f"data={data}",
                "backend=vllm", "top_k=8", "shard_size=4", "dtype=float32", "device=cpu", *extra]
     return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
 
@@ -115,7 +115,7 @@ def test_topk_routing_gives_the_transformers_cache(tmp_path, teachers, prepared,
     engine = vllm_caches(teachers(family), prepared)
     assert_same_distributions(reference, engine)
     identity = Manifest.load(engine).identity
-    assert identity["backend"]["name"] == "vllm" and "backend" not in Manifest.load(reference).identity
+    assert identity.backend["name"] == "vllm" and "backend" not in Manifest.load(reference).identity.json
 
 
 @pytest.mark.parametrize("mode", ["all", "top_p"])
@@ -145,7 +145,7 @@ def test_a_tensor_parallel_engine_gives_the_single_worker_cache(tmp_path, teache
     assert result.returncode == 0, result.stderr[-3000:]
     assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in result.stderr  # nothing was pickled to reach the workers
     assert_same_distributions(vllm_caches(teachers("mixtral"), prepared, *routing), tmp_path / "tp2")
-    assert Manifest.load(tmp_path / "tp2").identity["backend"]["tensor_parallel_size"] == 2
+    assert Manifest.load(tmp_path / "tp2").identity.backend["tensor_parallel_size"] == 2
 
 
 def probe(tmp_path: Path, teacher: Path, data: Path, routing: dict, engine: dict) -> dict:
@@ -193,7 +193,7 @@ def test_ka_with_lambda_one_samples_experts_without_replacement(tmp_path, teache
 def test_sigkill_then_resume_gives_the_uninterrupted_vllm_cache(tmp_path, teachers, prepared):
     teacher, args = teachers("mixtral"), ["shard_size=1", "routing.mode=ka", "routing.samples=2"]
     assert vllm_cache(tmp_path / "whole", teacher, prepared, *args).returncode == 0
-    command = [str(VLLM_PYTHON), "-m", "pipeline.cli", "cache", str(tmp_path / "killed"), f"teacher={teacher}",
+    command = [str(VLLM_PYTHON), "-m", "stages.cli", "cache", str(tmp_path / "killed"), f"teacher={teacher}",
                f"data={prepared}", "backend=vllm", "top_k=8", "dtype=float32", "device=cpu", *args]
     victim = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     fixtures.wait_for_commits(tmp_path / "killed", 3, victim)

@@ -8,17 +8,22 @@ from __future__ import annotations
 import json
 import sys
 
-from pipeline.data import PreparedData
-from pipeline.routing import RoutingConfig
-from pipeline.vllm_teacher import EngineConfig, VllmTeacher
+from pipeline.data.prepared import PreparedData
+from pipeline.models.backend import EngineConfig
+from pipeline.teacher.capture import Capture
+from pipeline.teacher.routing import RoutingConfig
+from pipeline.teacher.vllm import VllmTeacher
 
 
 def main() -> None:
     model, prepared, routing, engine, out = sys.argv[1:6]
     routing = RoutingConfig(**json.loads(routing))
-    teacher = VllmTeacher(model, routing, EngineConfig(**json.loads(engine)), "float32", 8, record_choices=True)
+    teacher = VllmTeacher(teacher=model, capture=Capture(routing=routing, top_k=8), dtype="float32",
+                          engine=EngineConfig(**json.loads(engine)), record_choices=True)
     examples = PreparedData(prepared).rows(0, 10**9)
-    records = teacher.records(examples, routing.samples)
+    with teacher:
+        teacher.start()
+        records = teacher.records(examples)
     json.dump({
         "records": [{"seq_id": r.seq_id, "positions": r.positions.tolist(), "ids": r.topk_ids.tolist(),
                      "logprobs": r.topk_logprobs.tolist()} for r in records],

