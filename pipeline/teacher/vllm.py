@@ -123,6 +123,14 @@ class VllmTeacher(TeacherBackend):
             raise MoekdError(refused[0])
         self.probe(installed[0][0])
 
+    def close(self) -> None:
+        """Stop the engine and its worker processes now. Left to the interpreter's exit, a tensor-parallel
+        engine's threads were sometimes torn down while still running and the process aborted (SIGABRT, after
+        every shard had been committed)."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
     def probe(self, names: list[str]) -> None:
         """One short forward: every MoE layer's override must have run, in every worker (else its kernel routes
         by itself)."""
