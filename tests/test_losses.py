@@ -333,3 +333,29 @@ def test_no_tokens_still_reaches_the_parameters():
     assert sums.tokens == 0 and sums.ce == 0 and sums.kd == 0
     (weight_grad,) = torch.autograd.grad(sums.total(0.5, 1), [lm_head.weight])
     assert torch.equal(weight_grad, torch.zeros_like(weight_grad))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_a_whole_vocabulary_cache_gives_trls_generalized_jsd(beta, monkeypatch):
+    """GKD's loss as TRL computes it (`GKDTrainer.generalized_jsd_loss`: β = 0 forward KL, β = 1 reverse KL,
+    between the mixture's two KLs otherwise; mean over the unmasked tokens) equals ours from a top-k cache
+    holding every id, masked tokens left out of the batch as the train stage leaves out prompt tokens."""
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.gkd import GKDTrainer
+
+    g = torch.Generator().manual_seed(6)
+    hidden, lm_head, targets, _ = tiny_student(6)
+    teacher_logits = 2 * torch.randn(N, V, generator=g)
+    labels = torch.where(torch.rand(N, generator=g) < 0.3, -100, targets)  # prompt tokens: -100
+    trl = GKDTrainer.generalized_jsd_loss(lm_head(hidden)[None], teacher_logits[None], labels[None], beta=beta)
+    kept = labels != -100
+    divergence = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(beta, "jsd")
+    config = LossConfig(alpha=1.0, divergence=divergence, beta=beta if divergence == "jsd" else 0.5)
+    teacher = teacher_logits[kept].log_softmax(-1)
+    ids = random_permutations(int(kept.sum()), V, g)
+    cache = TopK(ids[None], teacher.gather(-1, ids)[None])
+    ours = distillation_loss(hidden[kept], project(lm_head), targets[kept], cache, config)
+    torch.testing.assert_close(ours.kd / ours.tokens, trl, rtol=1e-5, atol=1e-6)
+    trl_grad, = torch.autograd.grad(trl, hidden)
+    ours_grad, = torch.autograd.grad(ours.kd / ours.tokens, hidden)
+    torch.testing.assert_close(ours_grad, trl_grad, rtol=1e-4, atol=1e-6)
