@@ -134,7 +134,7 @@ def run(config: Config) -> dict:
         tokenizer_fingerprint=data.tokenizer_fingerprint, data_fingerprint=data.fingerprint, rows=len(data),
         routing=to_dict(config.routing), shard_size=config.shard_size, batch_size=config.batch_size,
         dtype=str(dtype).removeprefix("torch."), encoding=encoding_spec(**config.encoding(backend.vocab_size)),
-        backend=backend.settings(),
+        backend=backend.settings(), generator=data.generator,
     )
     info = {"teacher_path": config.teacher, "routers_path": config.routers, "data_path": config.data,
             "device": device.type}

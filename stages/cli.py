@@ -28,6 +28,7 @@ STAGES = {  # command -> its module (imported when it runs)
     "student": "stages.student",
     "prepare": "stages.prepare",
     "cache": "stages.cache",
+    "generate": "stages.generate",
     "inspect": "stages.inspect",
     "verify": "stages.verify",
     "train": "stages.train",

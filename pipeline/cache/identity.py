@@ -177,12 +177,13 @@ class CacheIdentity:
     @classmethod
     def build(cls, *, teacher: dict, routers: str | None, tokenizer_fingerprint: str, data_fingerprint: str,
               rows: int, routing: dict, shard_size: int, batch_size: int, dtype: str, encoding: dict,
-              backend: dict | None) -> CacheIdentity:
+              backend: dict | None, generator: dict | None = None) -> CacheIdentity:
         """The identity `moekd cache` writes: `teacher` (its `model_identity`, recorded less its path) with the
         sha256 of the routers file it runs with (`routers`; absent without, as before routers existed), the
         prepared data (fingerprints, rows), the routing, the layout (`shard_size`), what changes float rounding
-        (`batch_size`, `dtype`), the `encoding` (`encoding_spec`) and the backend's settings (None: the
-        transformers backend, absent, so its caches keep their identity)."""
+        (`batch_size`, `dtype`), the `encoding` (`encoding_spec`), the backend's settings (None: the
+        transformers backend, absent, so its caches keep their identity) and, for data a model generated
+        (`moekd generate`), that `generator` (absent for a dataset's own responses)."""
         recorded = without_path(teacher)
         if routers is not None:
             recorded["routers"] = routers
@@ -200,6 +201,8 @@ class CacheIdentity:
         }
         if backend is not None:
             json["backend"] = backend
+        if generator is not None:
+            json["generator"] = generator
         return cls(json)
 
     @staticmethod
@@ -233,6 +236,8 @@ class CacheIdentity:
     dtype = Field(str, "the teacher's dtype")
     routing = Field(dict, "the routing the teacher ran with (`RoutingConfig` as a dict)")
     backend = Field(dict, "the backend's settings (\"name\" and its own); None for the transformers backend")
+    generator = Field(dict, "what generated the data's responses (`moekd generate`: the model less its path, the "
+                            "sampling, the backend); None for a dataset's own responses")
 
     @property
     def encoding(self) -> Encoding:
@@ -260,5 +265,7 @@ class CacheIdentity:
 
     def comparable(self) -> dict:
         """The identity as two caches are compared (`core.outputs.judge`): the teacher by content."""
-        teacher = self.teacher
-        return self.json if teacher is None else self.json | {"teacher": content(teacher)}
+        compared = self.json if self.teacher is None else self.json | {"teacher": content(self.teacher)}
+        model = (self.generator or {}).get("model")
+        return compared | {"generator": self.generator | {"model": content(model)}} if isinstance(model, dict) \
+            else compared

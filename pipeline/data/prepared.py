@@ -80,6 +80,8 @@ class PreparedData:
             raise MoekdError(f"{self.directory / META_FILE} lacks {', '.join(missing)}; re-run moekd prepare")
         self.fingerprint: str = self.meta["fingerprint"]
         self.tokenizer_fingerprint: str = self.meta["tokenizer_fingerprint"]
+        generator = self.meta.get("generator")  # `moekd generate`'s responses: what made them
+        self.generator: dict | None = generator if isinstance(generator, dict) else None
         data_path = self.directory / DATA_FILE
         if not data_path.is_file():
             raise MoekdError(f"prepared data {self.directory} has no {DATA_FILE}; re-run moekd prepare")

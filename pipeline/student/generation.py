@@ -58,8 +58,10 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generato
 def generate_ids(
     model, prompts: list, stop_ids: set[int], pad_id: int, max_new_tokens: int,
     temperature: float = 1.0, top_p: float = 1.0, generators: list[torch.Generator] | None = None,
+    keep_stop: bool = False,
 ) -> list[list[int]]:
-    """New token ids per prompt (the stop token excluded), decoding one left-padded batch with a KV cache.
+    """New token ids per prompt (the stop token excluded, or kept with `keep_stop`), decoding one left-padded
+    batch with a KV cache.
 
     Position ids count real tokens only, so a row's positions are those it
     would have alone.
@@ -83,7 +85,7 @@ def generate_ids(
         attention_mask = F.pad(attention_mask, (0, 1), value=1)
         position_ids = position_ids[:, -1:] + 1
     rows = torch.stack(generated, 1).tolist() if generated else [[] for _ in prompts]
-    return [until_stop(row, stop_ids) for row in rows]
+    return [until_stop(row, stop_ids, keep_stop) for row in rows]
 
 
 def cache_argument(model) -> str:
@@ -92,10 +94,11 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def until_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
+def until_stop(tokens: list[int], stop_ids: set[int], keep_stop: bool = False) -> list[int]:
+    """`tokens` up to the first stop id (included with `keep_stop`)."""
     for i, token in enumerate(tokens):
         if token in stop_ids:
-            return tokens[:i]
+            return tokens[: i + keep_stop]
     return tokens
 
 
