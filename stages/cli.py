@@ -35,6 +35,7 @@ STAGES = {  # command -> its module (imported when it runs)
     "eval": "stages.eval",
     "sar": "stages.sar",
     "diagnose": "stages.diagnose",
+    "rounds": "stages.rounds",
 }
 
 
@@ -47,13 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     if name not in STAGES:
         print(f"moekd: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    stage = importlib.import_module(STAGES[name])
     if "-h" in rest or "--help" in rest:
-        print(stage_help(name, stage))
+        print(stage_help(name, importlib.import_module(STAGES[name])))
         return 0
     try:
-        path, overrides = parse_args(stage.Config, rest)
-        config = load_config(stage.Config, path, overrides)
+        stage, config = configure(name, rest)
         stage.run(config)
     except MoekdError as e:
         print(f"moekd {name}: error: {e}", file=sys.stderr)
@@ -62,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moekd {name}: interrupted; committed work is kept, re-run to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def configure(name: str, args: list[str]):
+    """(the module of stage `name`, its config from command-line `args`); a `ConfigError` says what is wrong."""
+    stage = importlib.import_module(STAGES[name])
+    path, overrides = parse_args(stage.Config, args)
+    return stage, load_config(stage.Config, path, overrides)
 
 
 def parse_args(config_cls: type, args: list[str]) -> tuple[str | None, list[str]]:

@@ -65,7 +65,8 @@ def test_the_library_never_imports_a_stage_and_no_stage_another(graph):
     into_stages = [f"{m} -> {d}" for m, ds in graph.items() for d in ds
                    if m.startswith("pipeline") and d.startswith("stages")]
     assert into_stages == []
-    stages = {m for m in graph if m.startswith("stages.")}
+    # the command line is above the stages: a stage that runs others (`moekd rounds`) goes through it
+    stages = {m for m in graph if m.startswith("stages.") and m != "stages.cli"}
     assert [f"{m} -> {d}" for m in stages for d in graph[m] if d in stages] == []
 
 

@@ -50,6 +50,18 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, data)
 
 
+def as_overrides(settings: dict[str, Any], prefix: str = "") -> list[str]:
+    """Nested settings as the command line's `a.b=value` overrides (values as JSON, which YAML reads back):
+    what `load_config` takes, for a driver that runs stages through their command line."""
+    out = []
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out += as_overrides(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={json.dumps(value)}")
+    return out
+
+
 def parse_value(raw: str) -> Any:
     """Read an override's value as YAML (so `3`, `0.5`, `true`, `[1, 2]` are typed)."""
     try:

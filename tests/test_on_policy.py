@@ -20,6 +20,8 @@ import fixtures
 from pipeline.cache.manifest import Manifest
 from pipeline.core.errors import MoekdError
 from pipeline.data.prepared import PreparedData
+from pipeline.models.identity import content_identity
+from pipeline.models.loading import load_config as load_model_config
 from pipeline.student.losses import LossConfig
 from stages import cache, generate, train
 
@@ -158,3 +160,88 @@ def test_a_cache_of_generated_data_names_its_generator_and_trains_on_policy(tmp_
                                       cache=str(tmp_path / "cache"), max_steps=2, batch_size=4,
                                       loss=LossConfig(alpha=1.0, divergence=divergence)))
         assert np.isfinite(last["kd"]) and last["kd"] > 0
+
+
+# ---------------------------------------------------------------- moekd rounds
+
+def rounds_config(tmp_path: Path, student: Path, teacher: Path, prompts: Path) -> Path:
+    settings = {"student": str(student), "teacher": str(teacher), "data": str(prompts), "rounds": 2,
+                "generate": {"max_new_tokens": 8, "part_size": 2, "batch_size": 2},
+                "cache": {"top_k": 8, "shard_size": 2, "batch_size": 2, "dtype": "float32", "device": "cpu"},
+                "train": {"batch_size": 2, "save_every": 1, "loss": {"alpha": 1.0, "divergence": "reverse_kl"}}}
+    path = tmp_path / "rounds.yaml"
+    path.write_text(json.dumps(settings))
+    return path
+
+
+def rounds_command(config: Path, output: Path) -> list[str]:
+    return [sys.executable, "-m", "stages.cli", "rounds", str(output), "--config", str(config)]
+
+
+def files_of(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_each_round_learns_from_the_teachers_scores_of_the_last_rounds_answers(tmp_path, student, prompts, moe_dir):
+    from stages import rounds
+    from pipeline.core.config import load_config
+
+    config = load_config(rounds.Config, rounds_config(tmp_path, student, moe_dir("mixtral"), prompts),
+                         [f"output={tmp_path / 'out'}"])
+    rounds.run(config)
+    out = tmp_path / "out"
+    first, second = (json.loads((out / f"round-{r}" / "responses" / "meta.json").read_text()) for r in (1, 2))
+    assert first["generator"]["model"]["weights_fingerprint"] == content_identity(student, load_model_config(student))["weights_fingerprint"]
+    assert second["generator"]["model"]["weights_fingerprint"] == \
+        content_identity(out / "round-1" / "train" / "final",
+                         load_model_config(out / "round-1" / "train" / "final"))["weights_fingerprint"]
+    assert (first["generator"]["stride"], first["generator"]["offset"]) == (2, 0)
+    assert (second["generator"]["stride"], second["generator"]["offset"]) == (2, 1)
+    assert first["rows"] == second["rows"] == 6  # the 12 prompts, half each round
+    assert Manifest.load(out / "round-2" / "cache").identity.generator == second["generator"]
+    run = json.loads((out / "round-2" / "train" / "run.json").read_text())
+    assert str(out / "round-1" / "train" / "final") in json.dumps(run)
+    times = json.loads((out / "times.json").read_text())
+    assert set(times) == {f"round-{r}/{s}" for r in (1, 2) for s in ("generate", "cache", "train")}
+    before = files_of(out)
+    rounds.run(config)  # finished: nothing is redone
+    after = files_of(out)
+    assert {k: v for k, v in after.items() if k != "times.json"} == {k: v for k, v in before.items() if k != "times.json"}
+
+
+def test_rounds_refuse_bad_settings_before_anything_runs(tmp_path, student, prompts, moe_dir):
+    from stages import rounds
+    from pipeline.core.config import ConfigError, load_config
+
+    path = rounds_config(tmp_path, student, moe_dir("mixtral"), prompts)
+    config = load_config(rounds.Config, path, [f"output={tmp_path / 'out'}", "train.loss.divergence=kl"])
+    with pytest.raises(ConfigError, match="loss.divergence must be one of"):
+        rounds.run(config)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="generate.model is set by each round"):
+        load_config(rounds.Config, path, [f"output={tmp_path / 'out'}", f"generate.model={student}"])
+
+
+def test_sigkill_in_any_stage_of_a_round_resumes_to_the_uninterrupted_student(tmp_path, student, prompts, moe_dir):
+    config = rounds_config(tmp_path, student, moe_dir("mixtral"), prompts)
+    popen = dict(env=fixtures.SUBPROCESS_ENV, cwd=fixtures.REPO)
+    reference = subprocess.Popen(rounds_command(config, tmp_path / "reference"), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, **popen)
+    run = tmp_path / "run"
+    # killed while round 1 trains (a checkpoint written), then while round 2 generates (a part written)
+    for sign in ("round-1/train/checkpoints/step-*/checkpoint.json", "round-2/responses/parts/part-*.parquet"):
+        victim = subprocess.Popen(rounds_command(config, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  **popen)
+        deadline = time.monotonic() + 240
+        while not list(run.glob(sign)):
+            assert victim.poll() is None and time.monotonic() < deadline, f"the run ended before {sign} appeared"
+            time.sleep(0.005)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    assert not (run / "round-2" / "responses" / "meta.json").exists()
+    resumed = subprocess.run(rounds_command(config, run), capture_output=True, text=True, timeout=300, **popen)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "parts already done" in resumed.stdout and "round-1" in resumed.stdout
+    assert reference.wait(timeout=300) == 0
+    for name in ("round-2/responses/data.parquet", "round-2/train/final/model.safetensors"):
+        assert (run / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
