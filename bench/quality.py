@@ -273,7 +273,8 @@ def run_study(config: Config) -> dict:
     encoding = Manifest.load(config.heldout_cache).identity.encoding
     kl_over = ("the whole vocabulary" if encoding.k == encoding.vocab_size
                else f"the teacher's top-{encoding.k} and the rest as one outcome")
-    report = summarize(config, out / "eval") | {"cache_bytes_per_token": sizes, "kl_over": kl_over}
+    report = summarize(config, out / "eval") | {"cache_bytes_per_token": sizes, "kl_over": kl_over,
+                                                "rounds": rounds_costs(config)}
     write_report(out, report)
     plot(out, report)
     return report
@@ -342,6 +343,31 @@ def summarize(config: Config, evaluation: Path) -> dict:
 def metric(key: str, rows_per_seed: list[list[dict]]) -> Measured:
     _, num, den, _, _ = next(m for m in METRICS if m[0] == key)
     return measured(rows_per_seed, num, den)
+
+
+def rounds_costs(config: Config) -> dict:
+    """Per rounds variant, means over seeds: response tokens the teacher scored, and each stage's seconds summed
+    over the rounds (`moekd rounds`'s times.json); beside them, the response tokens of the baseline's cache."""
+    from pipeline.cache.manifest import Manifest
+
+    costs = {}
+    for method in config.compared:
+        variant = config.variant(method)
+        if variant.rounds is None:
+            continue
+        runs = [config.runs / f"{method}-seed{seed}" for seed in config.seeds]
+        rounds = range(1, variant.rounds["rounds"] + 1)
+        tokens = [sum(json.loads((run / f"round-{r}" / "responses" / "meta.json").read_text())["response_tokens"]
+                      for r in rounds) for run in runs]
+        times = [json.loads((run / "times.json").read_text()) for run in runs]
+        seconds = {stage: float(np.mean([sum(t[f"round-{r}/{stage}"] for r in rounds) for t in times]))
+                   for stage in ("generate", "cache", "train")}
+        costs[method] = {"rounds": len(rounds), "teacher_tokens": float(np.mean(tokens)), "seconds": seconds}
+    baseline = config.caches / config.baseline
+    if costs and (baseline / "manifest.json").is_file():
+        shards = Manifest.load(baseline).shards.values()
+        costs[config.baseline] = {"teacher_tokens": float(sum(shard.tokens for shard in shards))}
+    return costs
 
 
 def cache_size(cache: Path) -> dict[str, float]:
@@ -421,6 +447,17 @@ def write_report(out: Path, report: dict) -> None:
                   "teacher columns alone (every cache also stores each row's input_ids and positions).", "",
                   "| method | bytes / position | teacher columns |", "|---|---:|---:|"]
         lines += [f"| {m} | {v['all']:.1f} | {v['teacher']:.1f} |" for m, v in sizes.items()]
+    costs = {m: c for m, c in report.get("rounds", {}).items() if "seconds" in c}
+    if costs:
+        baseline = report["rounds"].get(base, {}).get("teacher_tokens")
+        lines += ["", "On-policy rounds, means over seeds: response tokens the teacher scored (all rounds"
+                  + (f"; {base}'s cache: {baseline:.0f}" if baseline else "") + ") and seconds per stage, summed "
+                  "over the rounds (`times.json`).", "",
+                  "| method | rounds | teacher tokens | generate s | cache s | train s | total s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {m} | {c['rounds']} | {c['teacher_tokens']:.0f} | {c['seconds']['generate']:.0f} | "
+                  f"{c['seconds']['cache']:.0f} | {c['seconds']['train']:.0f} | {sum(c['seconds'].values()):.0f} |"
+                  for m, c in costs.items()]
     atomic_write_bytes(out / "study.md", ("\n".join(lines) + "\n").encode())
     atomic_write_json(out / "study.json", report)
     print("\n" + "\n".join(lines))

@@ -69,7 +69,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)  # backend=vllm: the engine's settings
     batch_size: int = 16  # transformers: prompts decoded together
     part_size: int = 256  # prompts per part (what a killed run keeps)
-    dtype: str = "float32"  # auto: bfloat16 on GPU, float32 on CPU
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     device: str = "auto"
     overwrite: bool = False  # replace responses generated with other settings
     trust_remote_code: bool = False  # let the model/tokenizer directories run their own Python code (off: never)
@@ -109,6 +109,9 @@ def run(config: Config) -> dict:
             print(f"generate: {output} is up to date ({meta['rows']} rows); nothing to do")
             return meta
         prompts = [i for i in range(len(data)) if i % config.stride == config.offset]
+        if not prompts:
+            raise MoekdError(f"{config.data} has {len(data)} rows: none is {config.offset} modulo stride="
+                             f"{config.stride}, so there is no prompt to answer")
         parts = [prompts[i : i + config.part_size] for i in range(0, len(prompts), config.part_size)]
         answered = [i for i in prompts if on_policy(config, i)]
         done = [p for p in range(len(parts)) if (output / PARTS / part_name(p)).is_file()]
@@ -134,7 +137,8 @@ def describe_generator(config: Config, data: PreparedData, responder: Responder)
     sampling, the backend, and the source data."""
     return {"model": without_path(responder.identity), "sampling": asdict(config.sampling()),
             "samples": config.samples, "on_policy": config.on_policy, "stride": config.stride,
-            "offset": config.offset, "backend": responder.settings(), "dtype": str(responder.dtype).removeprefix("torch."),
+            "offset": config.offset, "backend": responder.settings(),
+            "dtype": str(responder.dtype).removeprefix("torch."),
             "part_size": config.part_size, "data": data.fingerprint}
 
 
@@ -186,7 +190,8 @@ def respond(config: Config, data: PreparedData, prompts: list[int], responder: R
         prompt = e.input_ids[: e.prompt_length].tolist()
         for _ in range(config.samples):
             response = next(responses)
-            rows.append({"input_ids": prompt + response, "response_mask": [False] * len(prompt) + [True] * len(response),
+            rows.append({"input_ids": prompt + response,
+                         "response_mask": [False] * len(prompt) + [True] * len(response),
                          "prompt_length": len(prompt), "references": e.references, "source": e.source})
     return rows
 

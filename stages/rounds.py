@@ -109,4 +109,5 @@ def run(config: Config) -> None:
             key = f"round-{r}/{name}"
             times[key] = times.get(key, 0.0) + time.perf_counter() - start
             atomic_write_json(times_file, times)
-    print(f"\nrounds: {config.rounds} done; the student is {Path(config.output) / f'round-{config.rounds}' / 'train' / 'final'}")
+    final = Path(config.output) / f"round-{config.rounds}" / "train" / "final"
+    print(f"\nrounds: {config.rounds} done; the student is {final}")

@@ -21,13 +21,14 @@ def main() -> None:
     teacher = VllmTeacher(teacher=model, capture=Capture(routing=routing, top_k=8), dtype="float32",
                           engine=EngineConfig(**json.loads(engine)), record_choices=True)
     examples = PreparedData(prepared).rows(0, 10**9)
-    with teacher:
+    with teacher:  # the engine stops at the end of the block
         teacher.start()
         records = teacher.records(examples)
+        choices = teacher.choices()
     json.dump({
         "records": [{"seq_id": r.seq_id, "positions": r.positions.tolist(), "ids": r.topk_ids.tolist(),
                      "logprobs": r.topk_logprobs.tolist()} for r in records],
-        "choices": teacher.choices(),
+        "choices": choices,
     }, open(out, "w"))
 
 

