@@ -123,6 +123,7 @@ class Config:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     variants: dict[str, Variant] = field(default_factory=dict)  # more methods, by name
     baseline: str = "kd"  # the method every other is compared with
+    contrasts: list[list[str]] = field(default_factory=list)  # more paired comparisons: [method, against], ...
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     ka: KaRouting = field(default_factory=KaRouting)
     top_p: float = 0.9  # the top_p method's router mass
@@ -144,6 +145,9 @@ class Config:
             raise ValueError(f"baseline {self.baseline!r} is not among methods or variants {self.compared}")
         if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and at least two (the intervals are over seeds), got {self.seeds}")
+        for pair in self.contrasts:
+            if len(pair) != 2 or not set(pair) <= set(self.compared) or pair[0] == pair[1]:
+                raise ValueError(f"a contrast is two different methods of the study, [method, against]; got {pair}")
         for command in self.before:
             if not command or not all(isinstance(part, str) for part in command):
                 raise ValueError(f"before holds moekd commands as lists of strings, got {command!r}")
@@ -334,7 +338,10 @@ def summarize(config: Config, evaluation: Path) -> dict:
                 entry[key]["gap_share"] = None if gap == 0 else {  # no gap: nothing to close
                     "share": versus.difference / gap, "ci": sorted([versus.low / gap, versus.high / gap])}
         report["methods"][method] = entry
-    report["comparisons"] = (len(config.compared) - 1) * len(keys)
+    report["contrasts"] = {f"{a} vs {b}": {key: interval(compare(metric(key, rows[a]), metric(key, rows[b]), crossed,
+                                                                 config.level, config.power)) for key in keys}
+                           for a, b in config.contrasts}
+    report["comparisons"] = (len(config.compared) - 1 + len(config.contrasts)) * len(keys)
     report["curves"] = {m: [curve(config.variant(m).training_runs(config.runs / f"{m}-seed{s}")) for s in config.seeds]
                         for m in config.compared}
     return report
@@ -419,7 +426,9 @@ def write_report(out: Path, report: dict) -> None:
              "about unseen tasks like these), then with seeds alone (about these tasks); MDE: the difference each "
              f"design would detect with {round(100 * report['power'])}% power. Gap: the share of the SFT → teacher "
              "difference the method closes, with the bounds of its seeds × tasks interval. KL(teacher ‖ student) "
-             f"over {report['kl_over']}. {report['comparisons']} comparisons against {base}, each at {level}%: "
+             f"over {report['kl_over']}. {report['comparisons']} comparisons "
+             + (f"(against {base}, and the contrasts)" if report.get("contrasts") else f"against {base}")
+             + f", each at {level}%: "
              f"about {report['comparisons'] * (1 - report['level']):.1f} would exclude zero by chance where no "
              "method differs.", ""]
     for key, _, _, title, lower in METRICS:
@@ -440,6 +449,13 @@ def write_report(out: Path, report: dict) -> None:
             gap = "" if share is None else f"{100 * share['share']:.0f}% [{100 * share['ci'][0]:.0f}, " \
                                            f"{100 * share['ci'][1]:.0f}]"
             lines.append(f"| {method} | {m['mean']:.3f} ± {m['std']:.3f} | {deltas} | {gap} |")
+        lines.append("")
+    if report.get("contrasts"):
+        lines += [f"## Contrasts: paired differences (by seed and example), {level}% t intervals over seeds × tasks",
+                  "", "| contrast | " + " | ".join(f"{key} Δ [CI] | MDE" for key in report["metrics"]) + " |",
+                  "|---|" + "---:|---:|" * len(report["metrics"])]
+        lines += [f"| {name} | " + " | ".join(cell(entry[key]) for key in report["metrics"]) + " |"
+                  for name, entry in report["contrasts"].items()]
         lines.append("")
     sizes = report.get("cache_bytes_per_token", {})
     if sizes:

@@ -40,7 +40,7 @@ from pipeline.core.files import atomic_write_json
 from pipeline.core.seeding import derive_seed
 
 PATHS = ("output", "student", "model", "teacher", "data", "cache")  # what a round sets itself
-TIMES_FILE = "times.json"  # seconds each stage of each round took, as it ran
+TIMES_FILE = "times.json"  # seconds each stage of each round took in the run that finished it
 
 
 @dataclass(kw_only=True)
@@ -107,7 +107,8 @@ def run(config: Config) -> None:
             except MoekdError as e:
                 raise MoekdError(f"round {r}, {name}: {e}") from None
             key = f"round-{r}/{name}"
-            times[key] = times.get(key, 0.0) + time.perf_counter() - start
-            atomic_write_json(times_file, times)
+            if key not in times:  # the run that finished the stage; a re-run finding it done adds nothing
+                times[key] = time.perf_counter() - start
+                atomic_write_json(times_file, times)
     final = Path(config.output) / f"round-{config.rounds}" / "train" / "final"
     print(f"\nrounds: {config.rounds} done; the student is {final}")

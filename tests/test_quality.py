@@ -33,12 +33,20 @@ def test_a_small_study_reports_every_method_against_the_baseline_and_resumes(
             f"eval_every: 3, eval_data: {tmp_path / 'heldout'}}}",
             "eval={max_new_tokens: 3, batch_size: 8, device: cpu, dtype: float32}",
             f"variants={{kd_sampled: {{cache: {{storage: sampled, draws: 8}}}}, full: {{online: {{top_k: 384}}}}, "
-            f"kd_other: {{teacher: {other}}}}}", f"before=[[train, {other_run}, --data, {tmp_path / 'train'}, --student, "
+            f"kd_other: {{teacher: {other}}}, onp: {{rounds: {{rounds: 2, generate: {{max_new_tokens: 4}}, "
+            "cache: {top_k: 16}, train: {loss: {alpha: 1.0, divergence: reverse_kl}}}}}", "contrasts=[[onp, sft]]",
+            f"before=[[train, {other_run}, --data, {tmp_path / 'train'}, --student, "
             f"{student_dir}, max_steps=2, loss.alpha=0, device=cpu, dtype=float32, save_every=0]]"]
     assert quality.main(args) == 0
     report = json.loads((tmp_path / "study" / "study.json").read_text())
-    assert set(report["methods"]) == {*quality.METHODS, "kd_sampled", "full", "kd_other"} and report["examples"] == 16
-    assert report["metrics"] == ["ce", "exact", "rougeL", "kl"] and report["comparisons"] == 8 * 4
+    assert set(report["methods"]) == {*quality.METHODS, "kd_sampled", "full", "kd_other", "onp"}
+    assert report["examples"] == 16 and report["metrics"] == ["ce", "exact", "rougeL", "kl"]
+    assert report["comparisons"] == (9 + 1) * 4  # against kd, and the contrast
+    for key in report["metrics"]:
+        low, high = report["contrasts"]["onp vs sft"][key]["ci"]
+        assert low <= report["contrasts"]["onp vs sft"][key]["difference"] <= high
+    costs = report["rounds"]["onp"]  # on-policy: the teacher scored the student's answers, each round timed
+    assert costs["rounds"] == 2 and costs["teacher_tokens"] > 0 and all(t > 0 for t in costs["seconds"].values())
     sizes = report["cache_bytes_per_token"]
     assert set(sizes) == {"kd", "ka", "all", "top_p", "kd_sampled", "kd_other"}  # the online variant has no cache
     assert sizes["kd_sampled"]["teacher"] < sizes["kd"]["teacher"] / 2, sizes  # 8 draws vs the top-16
@@ -54,8 +62,8 @@ def test_a_small_study_reports_every_method_against_the_baseline_and_resumes(
             share = entry[key].get("gap_share")
             if share is not None:  # None where the teacher and SFT tie (exact match 0 for both, at this size)
                 assert share["ci"][0] <= share["share"] <= share["ci"][1]
-        runs = report["curves"][method]
-        assert len(runs) == 2 and len(runs[0]["ce"]) == 6 and runs[0]["eval_step"] == [3, 6]
+        runs, rounds = report["curves"][method], 2 if method == "onp" else 1  # a rounds run's steps follow on
+        assert len(runs) == 2 and len(runs[0]["ce"]) == 6 * rounds and runs[0]["eval_step"] == [3, 6, 9, 12][:2 * rounds]
     assert report["methods"]["kd"]["ce"]["gap_share"] is not None
     # SFT never sees the teacher: it ends further from it than KD, which learns it, on every seed.
     sft, kd = report["methods"]["sft"]["kl"], report["methods"]["kd"]["kl"]
@@ -63,11 +71,11 @@ def test_a_small_study_reports_every_method_against_the_baseline_and_resumes(
     assert kd["mean"] < report["references"]["start"]["kl"]
     table = (tmp_path / "study" / "study.md").read_text()
     assert "KL(teacher ‖ student) over the whole vocabulary." in table  # heldout_top_k = the vocabulary
-    assert "32 comparisons against kd" in table
+    assert "40 comparisons (against kd, and the contrasts)" in table and "| onp vs sft |" in table
     assert "| teacher |" in table and "| sar |" in table and (tmp_path / "study" / "study.png").stat().st_size > 10_000
     # A second run trains and evaluates nothing again: it only rebuilds the report.
     capsys.readouterr()
     assert quality.main(args) == 0
     printed = capsys.readouterr().out
-    assert "steps done" not in printed and printed.count("reusing") == 2 * (2 + 9 * 2)
+    assert "steps done" not in printed and printed.count("reusing") == 2 * (2 + 10 * 2)
     assert json.loads((tmp_path / "study" / "study.json").read_text()) == report
