@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import yaml
 
 from pipeline.core.config import as_overrides
-from pipeline.core.errors import MoekdError
+from pipeline.core.errors import MoekdError, first_line
 from pipeline.core.files import atomic_write_json
 from pipeline.core.seeding import derive_seed
 
@@ -76,7 +76,14 @@ def commands(config: Config, r: int) -> list[tuple[str, list[str]]]:
     stride, offset = (config.rounds, r - 1) if config.split_prompts else (1, 0)
     trained = {}
     if config.train_config:
-        trained = yaml.safe_load(Path(config.train_config).read_text()) or {}
+        if not Path(config.train_config).is_file():
+            raise MoekdError(f"train_config not found: {config.train_config}")
+        try:
+            trained = yaml.safe_load(Path(config.train_config).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise MoekdError(f"train_config {config.train_config} is not valid YAML: {first_line(e)}") from None
+        if not isinstance(trained, dict):
+            raise MoekdError(f"train_config {config.train_config} must hold a mapping of `moekd train` settings")
         trained = {k: v for k, v in trained.items() if k not in PATHS}
     return [
         ("generate", [str(here / "responses"), f"model={student}", f"data={config.data}", f"stride={stride}",

@@ -229,6 +229,9 @@ def test_rounds_refuse_bad_settings_before_anything_runs(tmp_path, student, prom
     with pytest.raises(ConfigError, match="loss.divergence must be one of"):
         rounds.run(config)
     assert not (tmp_path / "out").exists()
+    config = load_config(rounds.Config, path, [f"output={tmp_path / 'out'}", f"train_config={tmp_path / 'no.yaml'}"])
+    with pytest.raises(MoekdError, match="train_config not found: .*no.yaml"):
+        rounds.run(config)
     with pytest.raises(ConfigError, match="generate.model is set by each round"):
         load_config(rounds.Config, path, [f"output={tmp_path / 'out'}", f"generate.model={student}"])
 
