@@ -43,7 +43,7 @@ from pipeline.core.processes import resolve_device
 from pipeline.core.seeding import derive_seed
 from pipeline.data.prepared import DATA_FILE, FORMAT, META_FILE, SCHEMA, VERSION, PreparedData, write_prepared_data
 from pipeline.models.backend import EngineConfig
-from pipeline.models.identity import check_tokenizer, content, without_path
+from pipeline.models.identity import by_content, check_tokenizer, without_path
 from pipeline.models.loading import honours_remote_code, resolve_dtype
 from pipeline.student.responses import Responder, Sampling, open_responder
 
@@ -144,7 +144,7 @@ def describe_generator(config: Config, data: PreparedData, responder: Responder)
 
 def comparable(generator: dict) -> dict:
     """A generator as two are compared: its model by content (a moved or renamed model is the same)."""
-    return generator | {"model": content(generator["model"])}
+    return by_content(generator, "model")
 
 
 def open_output(output: Path, generator: dict, overwrite: bool) -> bool:
@@ -152,8 +152,7 @@ def open_output(output: Path, generator: dict, overwrite: bool) -> bool:
     parts if it holds the same generation, refuse another (unless `overwrite`, then clear it)."""
     empty = output.is_dir() and not any(output.iterdir())
     recorded = recorded_in(output, SETTINGS_FILE, unrecorded=None if empty else FOREIGN)
-    if recorded and isinstance(recorded.get("model"), dict):
-        recorded = comparable(recorded)
+    recorded = by_content(recorded, "model")
     where = Output(output, holds="already holds responses generated with other settings",
                    unrecorded="holds something other than moekd generate's responses")
     verdict = judge(where, recorded, comparable(generator), overwrite)

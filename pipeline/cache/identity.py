@@ -29,7 +29,7 @@ from typing import Generic, Literal, TypeVar
 
 from pipeline.core.config import config_hash
 from pipeline.core.outputs import as_json
-from pipeline.models.identity import MadeWith, content, without_path
+from pipeline.models.identity import MadeWith, by_content, without_path
 
 TOPK_FORMAT, SAMPLED_FORMAT = 1, 2  # of a shard's layout, by storage
 ZSTD_LEVEL = 3  # on real top-64 shards level 9 saves ~2% at 3-5x the write time, 19 saves 4-8% at 30-40x
@@ -264,8 +264,7 @@ class CacheIdentity:
         return {location: (self.tokenizer_fingerprint, self.encoding.vocab_size)}
 
     def comparable(self) -> dict:
-        """The identity as two caches are compared (`core.outputs.judge`): the teacher by content."""
-        compared = self.json if self.teacher is None else self.json | {"teacher": content(self.teacher)}
-        model = (self.generator or {}).get("model")
-        return compared | {"generator": self.generator | {"model": content(model)}} if isinstance(model, dict) \
-            else compared
+        """The identity as two caches are compared (`core.outputs.judge`): the teacher, and the model that
+        generated the data, by content."""
+        compared = by_content(self.json, "teacher")
+        return compared if self.generator is None else compared | {"generator": by_content(self.generator, "model")}

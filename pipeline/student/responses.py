@@ -19,12 +19,13 @@ skipped some. Temperature 0 is greedy decoding.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from pipeline.core.config import to_dict
 from pipeline.core.seeding import derive_seed, generator
 from pipeline.models.backend import Backend, EngineConfig, start_vllm
 from pipeline.models.identity import model_identity
@@ -107,7 +108,7 @@ class VllmResponder(Responder):
     llm = None
 
     def settings(self) -> dict:
-        return {"name": self.name, **asdict(self.engine)}
+        return {"name": self.name, **to_dict(self.engine)}  # as the vLLM teacher's
 
     def start(self) -> None:
         if self.llm is not None:
