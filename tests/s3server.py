@@ -147,6 +147,9 @@ def start_server(workdir: Path, key: str = "moekd-test", secret: str = "moekd-te
         "-s3.autoCreateBucket=false",  # a write to a missing bucket is NoSuchBucket, not a new bucket
         "-s3.port.iceberg=0", "-s3.port.lance=0",
         "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=100",
+        # The default (1% of the disk) made every volume read-only on a shared disk with a
+        # few hundred MB free; the tests write a few MB.
+        "-volume.minFreeSpace=64MiB",
         *(f"-{flag}={port}" for flag, port in ports.items()),
     ]
     # One volume per bucket (collection) instead of 7, so many test buckets fit.
