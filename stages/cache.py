@@ -46,9 +46,10 @@ from typing import ClassVar, Literal
 
 from tqdm import tqdm
 
+from pipeline.cache.card import model_card_license, write_card
 from pipeline.cache.identity import CacheIdentity, encoding_spec
 from pipeline.cache.manifest import Manifest
-from pipeline.cache.records import CLAIMS, COMMITS
+from pipeline.cache.records import CARD, CLAIMS, COMMITS
 from pipeline.cache.shards import SHARDS, write_shard
 from pipeline.core.config import to_dict
 from pipeline.core.errors import MoekdError
@@ -86,6 +87,7 @@ class Config:
     num_workers: int | None = None
     overwrite: bool = False  # replace a cache made with another teacher/data/config
     verify: bool = False  # on resume, check every committed shard as `moekd verify` does (else its size only)
+    license: str | None = None  # the cache card's license (a Hub identifier); default: the teacher card's, or unknown
     trust_remote_code: bool = False  # let the model/tokenizer directories run their own Python code (off: never)
 
     def __post_init__(self):
@@ -137,7 +139,7 @@ def run(config: Config) -> dict:
         backend=backend.settings(), generator=data.generator,
     )
     info = {"teacher_path": config.teacher, "routers_path": config.routers, "data_path": config.data,
-            "device": device.type}
+            "device": device.type, "license": config.license or model_card_license(config.teacher)}
     # Settings only the teacher can check are checked before the manifest is written (the backend as a context,
     # then started), so a run that fails on them leaves nothing that a run with other settings would have to
     # overwrite; a finished cache starts no engine.
@@ -157,6 +159,8 @@ def run(config: Config) -> dict:
             backend.start()  # before any shard is claimed
         stats = write_shards(config, data, backend, manifest, todo)
     print_summary(stats, num_samples)
+    if write_card(manifest):
+        print(f"cache: complete; its card is {manifest.store.url(CARD)}")
     return stats
 
 

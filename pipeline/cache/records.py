@@ -31,6 +31,7 @@ from pipeline.core.files import parse_json
 
 COMMITS = "commits"
 CLAIMS = "claims"
+CARD = "README.md"  # the cache's card (`cache.card`): derived from the rest, no part of what is committed
 COMMIT_FILE = re.compile(rf"{COMMITS}/shard-(\d{{5,}})\.json")
 CLAIM_FILE = re.compile(rf"{CLAIMS}/shard-(\d{{5,}})\.json")
 SHARD_FIELDS = {"index": int, "file": str, "rows": int, "tokens": int, "bytes": int, "sha256": str}
@@ -119,8 +120,9 @@ def read_record(name: str, raw: bytes, where: str, cache: str) -> ShardInfo | st
 
 
 def remove_cache(store: Store, manifest: str) -> None:
-    """Delete the commit records, the shards and, last, the manifest (links among them are removed, never
-    followed), so an interrupted removal never leaves a manifest over shards of another identity."""
+    """Delete the card, the commit records, the shards and, last, the manifest (links among them are removed,
+    never followed), so an interrupted removal never leaves a manifest over shards of another identity."""
+    store.delete(CARD)
     for name in store.list(COMMITS) + store.list(CLAIMS):
         store.delete(name)
     for name in store.list(SHARDS):
