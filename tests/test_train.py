@@ -356,6 +356,24 @@ def test_a_finished_run_drops_its_checkpoints_unless_told_to_keep_them(tmp_path,
     assert sorted(p.name for p in (tmp_path / "kept/checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
 
 
+def test_report_to_tensorboard_logs_each_step_once_through_a_resume(tmp_path, splits, ka_cache, student_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output = tmp_path / "run"
+    settings = dict(cache=ka_cache, save_every=2, keep_checkpoints_at_end=True, report_to=("tensorboard",),
+                    eval_data=splits["test"], eval_every=2, eval_max_examples=8)
+    run_train(output, student_dir, **settings)
+    shutil.rmtree(output / "final")
+    shutil.rmtree(output / "checkpoints" / "step-00000004")
+    records = run_train(output, student_dir, **settings)  # resumes after step 2: steps 3 and 4 again
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    events = EventAccumulator(str(output / "tensorboard"))
+    events.Reload()
+    for key in ("loss", "kd", "lr", "grad_norm", "tokens", "eval_loss"):
+        logged = [(s.step, s.value) for s in events.Scalars(key)]
+        assert logged == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in records if key in r], key
+
+
 def test_sigkill_then_rerun_gives_the_uninterrupted_run(tmp_path, ka_cache, tokenizer_dir):
     # Dropout makes the losses depend on the RNG states the checkpoints carry.
     student = fixtures.make_student(tmp_path / "student", tokenizer_dir, attention_dropout=0.2)

@@ -36,6 +36,7 @@ from pipeline.models.logprobs import vocab_size
 from pipeline.student.checkpoints import Position, resume, save_run_checkpoint
 from pipeline.student.evaluation import cache_kl, response_loss
 from pipeline.student.losses import LossConfig
+from pipeline.student.reporting import Reporters, check_report_to
 from pipeline.student.rundir import (
     CHECKPOINTS, FINAL, FINISHED, METRICS_FILE, RESUMABLE_WITH_CHANGES, RUN_FILE, RUN_LOCK, MetricsLog, inspect_output,
     run_identity, start_output,
@@ -82,9 +83,11 @@ class RunConfig:
     gradient_checkpointing: bool = False  # the student: recompute activations in backward (less memory)
     device: str = "auto"
     overwrite: bool = False  # replace a run made with other settings
+    report_to: tuple[str, ...] = ()  # besides metrics.jsonl: tensorboard (<output>/tensorboard), wandb
     trust_remote_code: bool = False  # let the model/tokenizer directories run their own Python code (off: never)
 
     def __post_init__(self):
+        check_report_to(self.report_to)
         for name in ("batch_size", "epochs", "shuffle_shards", "shard_size", "prefetch", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -179,6 +182,7 @@ class Run:
             raise
         self.autocast_dtype = autocast_dtype(config.dtype, self.processes.device)
         self.log = MetricsLog(self.output / METRICS_FILE)
+        self.reporters: Reporters | None = None
 
     def __enter__(self) -> Run:
         return self
@@ -188,6 +192,8 @@ class Run:
             self.lock.release()
         if self.trainer is not None:
             self.trainer.close()
+        if self.reporters is not None:
+            self.reporters.close()
         self.processes.stop()
 
     def open_directory(self) -> str | None:
@@ -302,6 +308,9 @@ class Run:
                              f"{self.processes.world_size}: a run of `epochs` resumes on the same number of ranks "
                              "only (its length in steps depends on it); set max_steps to resume on others")
         c = self.config
+        if self.processes.rank == 0:
+            self.reporters = Reporters(c.report_to, output=self.output, steps_done=self.trainer.steps_done,
+                                       settings=self.identity["config"])
         self.processes.say(f"{self.name}: {self.about}; {self.total_steps} steps of "
                            f"{c.optim.grad_accum} x {c.batch_size} sequences x {self.processes.world_size} ranks"
                            + (f"; resuming after step {self.trainer.steps_done}" if self.latest else ""))
@@ -326,6 +335,7 @@ class Run:
                 record |= metrics
         if rank0:
             self.log.append(record)
+            self.reporters.log(record)
         if self.due(config.save_every, step):  # every rank: the RNG states are gathered
             save_run_checkpoint(self.output / CHECKPOINTS, self.processes, self.student, self.tokenizer,
                                 config.keep_checkpoints, self.parts, position, record["tokens"])
