@@ -31,6 +31,7 @@ STAGES = {  # command -> its module (imported when it runs)
     "generate": "stages.generate",
     "inspect": "stages.inspect",
     "verify": "stages.verify",
+    "convert": "stages.convert",
     "train": "stages.train",
     "eval": "stages.eval",
     "sar": "stages.sar",

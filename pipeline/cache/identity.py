@@ -205,6 +205,18 @@ class CacheIdentity:
             json["generator"] = generator
         return cls(json)
 
+    @classmethod
+    def imported(cls, *, teacher: dict, tokenizer_fingerprint: str, data_fingerprint: str, rows: int,
+                 shard_size: int, encoding: dict) -> CacheIdentity:
+        """The identity `moekd convert` writes for teacher log-probs another tool made: the `teacher` as the
+        import names it (its name, the source format and the source files' sha256), the tokenizer and the
+        imported sequences (fingerprints, rows), the layout and the encoding. The routing is the teacher's own
+        (topk, one sample); how the teacher was run (dtype, batch size) is not known and not said."""
+        return cls({"teacher": teacher, "tokenizer_fingerprint": tokenizer_fingerprint,
+                    "data_fingerprint": data_fingerprint, "rows": rows,
+                    "routing": {"mode": "topk", "samples": 1, "lam": 0.0, "k_s": None, "seed": 0, "top_p": None},
+                    "shard_size": shard_size, "num_shards": math.ceil(rows / shard_size), "encoding": encoding})
+
     @staticmethod
     def problem(json) -> str | None:
         """What is wrong with an identity someone wrote (a manifest's), or None: the encoding must be whole, and
