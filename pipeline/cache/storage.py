@@ -1,15 +1,18 @@
 """Where a teacher cache lives: a local directory or an object store, behind one small interface.
 
-`open_store(location)` takes a plain path, a `file://` URI, or any fsspec URI
-(`s3://bucket/prefix`, `gs://...`, `hf://datasets/...` for reading). Objects
-are named by relative paths checked by the caller (`confined_parts`), so
-nothing a cache names can lead outside `location`.
+`open_store(location)` takes a plain path, a `file://` URI, a dataset
+repository on the Hugging Face Hub (`hf://datasets/ORG/NAME[@BRANCH][/FOLDER]`,
+read and written through the Hub's commit API: `HubStore`), or any other fsspec
+URI (`s3://bucket/prefix`, `gs://...`). Objects are named by relative paths
+checked by the caller (`confined_parts`), so nothing a cache names can lead
+outside `location`.
 
 What the cache's commit protocol (`pipeline.cache.manifest`) needs of a store,
 and nothing more: read an object (whole, at most a given size, or through a
 seekable file), list a folder (with sizes), write an object whole, and
 *create* one only if absent (`create`), atomically. Object stores do that
-with a conditional put (S3: `If-None-Match: *`); a local directory with a
+with a conditional put (S3: `If-None-Match: *`); the Hub with a commit whose
+parent must still be the branch's head (`HubStore`); a local directory with a
 hard link of a complete temporary file, which fails if the name exists.
 Neither needs a rename over an existing name or a lock, so a cache on a
 network file system that ignores `flock` is as safe as one on local disk.
@@ -19,7 +22,8 @@ network file system that ignores `flock` is as safe as one on local disk.
 Credentials and endpoints come from the environment, as fsspec and the cloud
 SDKs read them (for S3: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 `AWS_ENDPOINT_URL`, or fsspec's `FSSPEC_S3='{"key": ..., "client_kwargs":
-{"endpoint_url": ...}}'`), never from a config file that might be shared.
+{"endpoint_url": ...}}'`; for the Hub: `HF_TOKEN`, `HF_ENDPOINT`), never from a
+config file that might be shared.
 
 A local store reads regular files only, without following links
 (`files.open_confined`). A remote call is retried only when its failure is
@@ -56,6 +60,10 @@ def open_store(location) -> "Store":
     text = str(location)
     if "://" not in text or text.startswith("file://"):
         return LocalStore(Path(text.removeprefix("file://")))
+    if text.startswith("hf://"):
+        from pipeline.cache.hub import HubStore  # huggingface_hub, imported only for the Hub
+
+        return HubStore(text)
     import fsspec  # a dependency of datasets; the protocol's own package (s3fs, gcsfs) is imported by fsspec
 
     try:
@@ -181,6 +189,9 @@ class LocalStore:
 class RemoteStore:
     """A cache under an fsspec URI (an object store prefix, usually)."""
 
+    CREDENTIALS = "for S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or FSSPEC_S3"  # where a user sets them
+    ENDPOINT = "for S3: AWS_ENDPOINT_URL, or FSSPEC_S3"
+
     def __init__(self, fs, root: str, location: str):
         self.fs, self.root, self.location = fs, root, location
         self.remote = True
@@ -288,26 +299,31 @@ class RemoteStore:
                 raise
             except PermissionError as e:
                 raise MoekdError(f"{self.url(name)}: access denied ({first_line(e)}); check the credentials "
-                                 "(for S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or FSSPEC_S3)") from None
+                                 f"({self.CREDENTIALS})") from None
             except Exception as e:  # noqa: BLE001 - s3fs's OSErrors (HTTP errors), the clients' own errors
                 if _missing_credentials(e):
                     raise MoekdError(f"{self.url(name)}: no credentials found ({first_line(e)}); set them in the "
                                      "environment (for S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or key and "
                                      "secret in FSSPEC_S3)") from None
                 if not _transient(e):
-                    raise MoekdError(f"{self.url(name)}: {_described(e)}") from None
+                    raise MoekdError(f"{self.url(name)}: {_described(e, self.ENDPOINT)}") from None
                 if attempt == RETRIES - 1:
-                    raise MoekdError(f"{self.url(name)}: {_described(e)} (after {RETRIES} attempts)") from None
+                    raise MoekdError(f"{self.url(name)}: {_described(e, self.ENDPOINT)} (after {RETRIES} "
+                                     "attempts)") from None
                 time.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
 
 
 def _status(error: Exception) -> int | None:
-    """The HTTP status of a failed request, where the error carries the response (s3fs: as its cause)."""
+    """The HTTP status of a failed request, where the error carries the response (s3fs: botocore's, as its
+    cause; huggingface_hub: its HTTP client's)."""
     for candidate in (error, error.__cause__):
         response = getattr(candidate, "response", None)
         if isinstance(response, dict):
             return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int):
+            return status
     return None
 
 
@@ -322,7 +338,17 @@ def _transient(error: Exception) -> bool:
         return status in TRANSIENT_STATUS
     if type(error).__name__ == "OfflineModeIsEnabled":  # huggingface_hub's, a ConnectionError that stays one
         return False
-    return isinstance(error, ConnectionError)
+    return isinstance(error, ConnectionError) or _network_error(error)
+
+
+def _network_error(error: Exception) -> bool:
+    """Whether huggingface_hub's HTTP client (httpx2) failed to reach the server, timed out or lost the
+    connection (what huggingface_hub itself retries), rather than being refused."""
+    try:
+        import httpx2
+    except ImportError:
+        return False
+    return isinstance(error, (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError))
 
 
 def _missing_credentials(error: Exception) -> bool:
@@ -330,14 +356,14 @@ def _missing_credentials(error: Exception) -> bool:
     return type(error).__name__ in ("NoCredentialsError", "PartialCredentialsError")
 
 
-def _described(error: Exception) -> str:
-    """A failed call in a few words; a client's own error (not an OSError: the endpoint unreachable, ...)
-    hints at the endpoint."""
+def _described(error: Exception, endpoint: str) -> str:
+    """A failed call in a few words (a Hub error: the server's own message); a client's own error (not an
+    OSError: the endpoint unreachable, ...) hints at the `endpoint` setting."""
     if isinstance(error, OSError):
         status = _status(error)
-        return (error.strerror or first_line(error)) + (f" (HTTP {status})" if status else "")
-    return (f"{type(error).__name__}: {first_line(error)}; check the endpoint (for S3: AWS_ENDPOINT_URL, or "
-            "FSSPEC_S3)")
+        text = getattr(error, "server_message", None) or error.strerror or str(error)
+        return first_line(Exception(text)) + (f" (HTTP {status})" if status else "")
+    return f"{type(error).__name__}: {first_line(error)}; check the endpoint ({endpoint})"
 
 
 def _directory_in_the_way(path: Path) -> MoekdError:
@@ -352,4 +378,4 @@ def _precondition_failed(error: OSError) -> bool:
     return isinstance(response, dict) and response.get("Error", {}).get("Code") == "PreconditionFailed"
 
 
-Store = LocalStore | RemoteStore
+Store = LocalStore | RemoteStore  # a HubStore is a RemoteStore
