@@ -60,6 +60,20 @@ FAMILY_CONFIGS = {
         intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
         sliding_window=16, layer_types=["sliding_attention", "full_attention"], rope_parameters=_ROPE,
     ),
+    # sigmoid routers (vLLM parity): GLM-4.5's grouped top-k with a selection bias and a routed scale,
+    # AFMoE's bias and scale without groups, Llama-4's routing function
+    "glm4_moe": dict(
+        intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
+        topk_group=1, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=0,
+        head_dim=8, rope_parameters=_ROPE,
+    ),
+    "afmoe": dict(intermediate_size=64, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                  num_shared_experts=1, num_dense_layers=0, global_attn_every_n_layers=1, head_dim=8,
+                  route_scale=2.0),
+    "llama4_text": dict(
+        intermediate_size=32, intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=1, head_dim=8,
+        interleave_moe_layer_step=1, no_rope_layers=[1, 1],
+    ),
 }
 
 

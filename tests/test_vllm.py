@@ -20,6 +20,7 @@ import torch
 
 import fixtures
 from pipeline.cache.manifest import Manifest
+from pipeline.core.config import load_config
 from pipeline.data.prepared import PreparedData
 from pipeline.teacher.routing import RoutingConfig, ka_draws
 from stages import cache
@@ -28,10 +29,20 @@ from test_routing import inclusion_probabilities
 VLLM_PYTHON = fixtures.REPO / ".venv-vllm" / "bin" / "python"
 # Shapes vLLM's CPU kernels take (head_dim 32, sizes multiples of 32); 8 experts, top-2.
 SHAPES = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32, intermediate_size=64)
-EXPERTS = {"mixtral": "num_local_experts", "gpt_oss": "num_local_experts"}
+EXPERTS = {"mixtral": "num_local_experts", "gpt_oss": "num_local_experts", "glm4_moe": "n_routed_experts",
+           "llama4_text": "num_local_experts", "afmoe": "num_experts"}
 YARN = {"rope_type": "yarn", "factor": 2.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
         "original_max_position_embeddings": 256, "rope_theta": 10000.0}  # vLLM's GPT-OSS needs yarn
+VLLM_CONFIG = {  # what vLLM's model classes read from a config beside what transformers writes
+    "gpt_oss": {"rope_parameters": YARN},
+    "afmoe": {"score_func": "sigmoid", "route_norm": True, "n_group": 1, "topk_group": 1},
+}
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"]
+# sigmoid scores with a selection bias, grouped top-k and a routed scale (GLM-4.5's rule, DeepSeek-V3's
+# without MLA), sigmoid with a bias and a scale, no groups (AFMoE: MiniMax-M2's rule, which vLLM's CPU build does
+# not run: its router takes sigmoid scores only with groups), Llama-4's routing function (the sigmoid of the
+# chosen logits, not renormalised)
+SIGMOID_FAMILIES = ["glm4_moe", "afmoe", "llama4_text"]
 ENV = fixtures.SUBPROCESS_ENV | {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"}
 FP16_STEP = 2.0**-10  # two values a float16 rounding apart differ by at most this, relatively
 KA = ["routing.mode=ka", "routing.samples=2", "routing.lam=0.5", "routing.seed=3"]
@@ -49,12 +60,28 @@ def teachers(tmp_path_factory, tokenizer_dir):
 
     def get(family: str) -> Path:
         if family not in made:
-            extra = {EXPERTS.get(family, "num_experts"): 8} | ({"rope_parameters": YARN} if family == "gpt_oss" else {})
-            made[family] = fixtures.make_moe(tmp_path_factory.mktemp(family), family, tokenizer_dir,
-                                             **SHAPES, **extra)
+            extra = {EXPERTS.get(family, "num_experts"): 8} | VLLM_CONFIG.get(family, {})
+            made[family] = with_selection_bias(fixtures.make_moe(tmp_path_factory.mktemp(family), family,
+                                                                 tokenizer_dir, **SHAPES, **extra))
         return made[family]
 
     return get
+
+
+def with_selection_bias(teacher: Path) -> Path:
+    """Give a teacher's selection biases (zeros as initialised) real values, so that choosing by score plus bias
+    and weighing by score alone differ."""
+    from safetensors.torch import load_file, save_file
+
+    path = teacher / "model.safetensors"
+    weights = load_file(path)
+    biases = [name for name in weights if name.endswith(("e_score_correction_bias", "expert_bias"))]
+    generator = torch.Generator().manual_seed(0)
+    for name in biases:
+        weights[name] = torch.randn(weights[name].shape, generator=generator) * 0.3
+    if biases:
+        save_file(weights, path, metadata={"format": "pt"})
+    return teacher
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +144,21 @@ def test_topk_routing_gives_the_transformers_cache(tmp_path, teachers, prepared,
     assert_same_distributions(reference, engine)
     identity = Manifest.load(engine).identity
     assert identity.backend["name"] == "vllm" and "backend" not in Manifest.load(reference).identity.json
+
+
+@pytest.mark.parametrize("routing", [[], KA, ["routing.mode=all"]], ids=["topk", "ka", "all"])
+@pytest.mark.parametrize("family", SIGMOID_FAMILIES)
+def test_sigmoid_biased_and_grouped_routers_give_the_transformers_cache(tmp_path, teachers, prepared, vllm_caches,
+                                                                       family, routing):
+    teacher = teachers(family)
+    if family == "llama4_text" and routing != KA and routing:  # vLLM weighs Llama-4's expert input: one expert
+        result = vllm_cache(tmp_path / "refused", teacher, prepared, *routing)
+        assert "for one expert per token only; routing.mode=all chooses several" in refusal(result)
+        return
+    expected = tmp_path / "transformers"
+    cache.run(load_config(cache.Config, None, [f"output={expected}", f"teacher={teacher}", f"data={prepared}", "top_k=8",
+                                               "shard_size=4", "batch_size=4", "dtype=float32", "device=cpu", *routing]))
+    assert_same_distributions(vllm_caches(teacher, prepared, *routing), expected)
 
 
 @pytest.mark.parametrize("mode", ["all", "top_p"])

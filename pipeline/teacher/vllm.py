@@ -19,9 +19,14 @@ function the transformers backend uses: a cache's KA samples are the same
 whichever backend wrote it and however the engine batched or split the work.
 Prefix caching is off (KV computed under another routing must not be reused)
 and the engine runs eagerly (a compiled graph would not call the override).
-A router this cannot override (grouped or custom routing functions, other
-scoring, kernels that route internally) is refused when the engine starts,
-naming it: a probe forward checks that every layer's override ran.
+The override restates the router's own rule (`RouterRule`: softmax or
+sigmoid scores, renormalisation, routed scaling, selection bias; Llama-4's
+routing function), as the transformers backend's `RULES` do: KA's sampled
+tokens draw from softmax(logits) over every expert, ignoring expert groups,
+and the others keep the router's own choice, groups included. A router it
+cannot restate (other routing functions or scores, hash-routed layers) or
+whose kernel routes internally is refused when the engine starts, naming
+it: a probe forward checks that every layer's override ran.
 
 The override lives in the engine's worker processes (one per tensor- or
 expert-parallel rank): `WorkerExtension`'s methods, which vLLM mixes into its
@@ -33,6 +38,7 @@ worker). Nothing is pickled on the way, so vLLM's default serialisation (no
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -44,7 +50,7 @@ from pipeline.core.errors import MoekdError
 from pipeline.data.prepared import target_positions
 from pipeline.models.backend import EngineConfig, Progress, no_progress, start_vllm
 from pipeline.models.identity import model_identity
-from pipeline.models.loading import load_config
+from pipeline.models.loading import Placement, load_config
 from pipeline.models.logprobs import config_vocab_size
 from pipeline.teacher.capture import Capture, TeacherBackend
 from pipeline.teacher.families import top_p_experts
@@ -63,10 +69,10 @@ class VllmTeacher(TeacherBackend):
 
     def __init__(self, *, teacher: str, capture: Capture, dtype: torch.dtype, device: torch.device | None = None,
                  pad_id: int | None = None, routers: str | None = None, engine: EngineConfig | None = None,
-                 record_choices: bool = False):
+                 placement: Placement | None = None, record_choices: bool = False):
         """Read the teacher's config only (the engine loads the weights when it starts). `dtype`: the engine's;
-        `device` and `pad_id` are the engine's own business; `record_choices`: keep every routing decision for
-        `choices` (tests)."""
+        `device`, `pad_id` and `placement` are the engine's own business (refused: `refusal`);
+        `record_choices`: keep every routing decision for `choices` (tests)."""
         config = load_config(teacher)
         self.identity, self.vocab_size = model_identity(teacher, config), config_vocab_size(config)
         self.teacher, self.capture, self.engine = teacher, capture, engine or EngineConfig()
@@ -74,10 +80,14 @@ class VllmTeacher(TeacherBackend):
         self.routing, self.k = capture.routing, capture.top_k
 
     @classmethod
-    def refusal(cls, capture: Capture, *, routers: str | None, engine: EngineConfig) -> str | None:
+    def refusal(cls, capture: Capture, *, routers: str | None, engine: EngineConfig,
+                placement: Placement | None = None) -> str | None:
         if capture.storage == "sampled" or capture.aggregate or routers:
             return ("backend=vllm returns top-k log-probs only: storage=sampled and aggregate=true need the full "
                     "distributions, and routers= the transformers model; use backend=transformers")
+        if placement is not None and placement.device_map is not None:
+            return ("placement applies to backend=transformers; a vLLM engine spreads the teacher itself "
+                    "(engine.tensor_parallel_size, engine.enable_expert_parallel)")
         return None
 
     def settings(self) -> dict:
@@ -190,6 +200,7 @@ class EngineRouting:
         self.rows: list | None = None  # per layer (rows sampled, their noise) in this forward
         self.keys: list | None = None  # per row: (seq_id, sample, position)
         self.calls: list[int] = []
+        self.rules: list[RouterRule] = []  # per layer
         self.chosen: dict = {}
 
     def begin(self, module, args, kwargs) -> None:
@@ -217,32 +228,83 @@ class EngineRouting:
                      for r, n, e in zip(rows, noise, self.experts)]
 
     def route(self, layer: int, router, own, hidden_states, router_logits, indices_type, *, input_ids=None):
-        """The router's (weights, ids) under the routing mode."""
+        """The router's (weights, ids) under the routing mode, by the transformers backend's rule (`routing`):
+        KA's sampled tokens draw k experts from softmax(logits) over all experts (no groups, no bias); with
+        k_s = k the others keep the router's own choice, groups and bias included; `all`, `top_p` and k_s != k
+        rank every expert by the family's score plus its bias. Weights: the family's score of each chosen
+        expert (softmax, or sigmoid), renormalised if the router renormalises, times its routed scale."""
         self.calls[layer] += 1
-        mode, logits = self.routing.mode, router_logits.float()
+        mode, logits, rule = self.routing.mode, router_logits.float(), self.rules[layer]
         if mode == "topk":
             return own(hidden_states, router_logits, indices_type, input_ids=input_ids)
-        scores = torch.softmax(logits, dim=-1)
-        keep = None
+        keep, own_weights = None, None
         if mode == "all":
             ids = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
         elif mode == "top_p":
             ids, keep = top_p_experts(logits, self.routing.top_p)
         else:
-            ids = logits.topk(self.routing.k_s or router.top_k, dim=-1).indices
+            k_s = self.routing.k_s or router.top_k
+            if k_s == router.top_k:
+                own_weights, ids = own(hidden_states, router_logits, indices_type, input_ids=input_ids)
+                ids = ids.long()
+            else:
+                ids = rule.selection(logits).topk(k_s, dim=-1).indices
             rows, noise = self.rows[layer]
             if rows.numel():
                 rows = rows.to(logits.device)
                 ids = ids.index_put((rows,), (logits[rows] + noise.to(logits.device)).topk(ids.shape[1]).indices)
-        weights = scores.gather(1, ids)
-        if keep is not None:
-            weights = weights * keep
-        if router.renormalize:
-            weights = weights / weights.sum(-1, keepdim=True)
+        weights = rule.weights(logits, ids, keep)
+        if own_weights is not None:  # the tokens KA did not sample keep the router's own weights, bit for bit
+            sampled = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+            sampled[self.rows[layer][0].to(ids.device)] = True
+            weights = torch.where(sampled[:, None], weights, own_weights.float())
         if self.record:  # for tests: what each (sequence, sample, layer, position) saw and chose
             for key, row, scores_row in zip(self.keys, ids.cpu(), logits.cpu()):
                 self.chosen.setdefault((key[0], key[1], layer), {})[key[2]] = (row.tolist(), scores_row.tolist())
         return weights.float().contiguous(), ids.to(indices_type or torch.int32).contiguous()
+
+
+@dataclass(frozen=True)
+class RouterRule:
+    """How one vLLM router scores and weighs experts, read from the router itself (`router_rule`)."""
+
+    score: str  # softmax over the experts, or a sigmoid of each logit
+    renormalize: bool  # the chosen weights are divided by their sum
+    scale: float  # then multiplied by this (routed_scaling_factor, where the router applies it)
+    bias: torch.Tensor | None  # added to the score to choose experts (e_score_correction_bias), not to weigh them
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=-1) if self.score == "softmax" else logits.sigmoid()
+
+    def selection(self, logits: torch.Tensor) -> torch.Tensor:
+        """What experts are ranked by when the router's own choice is not kept: score plus bias."""
+        scores = self.scores(logits)
+        return scores if self.bias is None else scores + self.bias.float().to(scores.device)
+
+    def weights(self, logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        weights = self.scores(logits).gather(1, ids)
+        if keep is not None:
+            weights = weights * keep
+        if self.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights * self.scale
+
+
+def router_rule(router) -> RouterRule | str:
+    """The router's rule, or why moekd cannot restate it (a routing function or score it does not know)."""
+    custom = getattr(router, "custom_routing_function", None)
+    if getattr(router, "_hash_indices_table", None) is not None:
+        return "hash-routed layers"
+    if custom is not None:
+        if getattr(custom, "__qualname__", "") != "Llama4MoE.custom_routing_function":
+            return f"a custom routing function ({getattr(custom, '__qualname__', custom)})"
+        return RouterRule("sigmoid", False, 1.0, None)  # Llama-4: top-k logits, each weighed by its sigmoid
+    score = getattr(router, "scoring_func", "softmax")
+    if score not in ("softmax", "sigmoid"):
+        return f"{score} scores"
+    return RouterRule(score, bool(getattr(router, "renormalize", True)),
+                      float(getattr(router, "routed_scaling_factor", 1.0) or 1.0),
+                      getattr(router, "e_score_correction_bias", None))
 
 
 class WorkerExtension:
@@ -264,14 +326,18 @@ class WorkerExtension:
         if not found and routing.mode != "topk":
             return names, (f"vLLM's model has no MoE router moekd can override: routing.mode={routing.mode} "
                            "needs one")
-        for name, router in found:
-            unsupported = (getattr(router, "use_grouped_topk", False) and "grouped top-k") or \
-                (getattr(router, "scoring_func", "softmax") != "softmax" and f"{router.scoring_func} scores") or \
-                (getattr(router, "custom_routing_function", None) is not None and "a custom routing function") or \
-                (getattr(router, "e_score_correction_bias", None) is not None and "a selection bias")
-            if unsupported and routing.mode != "topk":
-                return names, (f"{name}: vLLM routes this family with {unsupported}, which moekd's vLLM backend "
-                               f"does not reproduce for routing.mode={routing.mode}; use backend=transformers")
+        rules = [router_rule(router) for _, router in found]
+        for name, rule in zip(names, rules):
+            if isinstance(rule, str) and routing.mode != "topk":
+                return names, (f"{name}: vLLM routes this family with {rule}, which moekd's vLLM backend does not "
+                               f"reproduce for routing.mode={routing.mode}; use backend=transformers")
+        several = routing.mode in ("all", "top_p") or (routing.mode == "ka" and (routing.k_s or 0) > 1)
+        for name, module in runner.model.named_modules():
+            if several and getattr(module, "apply_router_weight_on_input", False):
+                return names, (f"{name}: vLLM weighs this family's expert input by its router weight (Llama-4), "
+                               f"which its kernels do for one expert per token only; routing.mode={routing.mode} "
+                               "chooses several: use backend=transformers")
+        state.rules = rules
         state.experts = [router.global_num_experts for _, router in found]
         state.calls = [0] * len(found)
         for layer, (_, router) in enumerate(found):
