@@ -59,7 +59,7 @@ from pipeline.core.processes import owned, resolve_device, worker_slot
 from pipeline.data.prepared import PreparedData
 from pipeline.models.backend import EngineConfig
 from pipeline.models.identity import check_tokenizer
-from pipeline.models.loading import honours_remote_code, load_tokenizer, pad_token_id, resolve_dtype
+from pipeline.models.loading import Placement, honours_remote_code, load_tokenizer, pad_token_id, resolve_dtype
 from pipeline.teacher.backends import BACKENDS, open_teacher
 from pipeline.teacher.capture import MAX_DRAWS, Capture, TeacherBackend
 from pipeline.teacher.routing import RoutingConfig
@@ -74,6 +74,7 @@ class Config:
     routers: str | None = None  # a `moekd sar` routers file for this teacher: cache the SAR-adapted teacher
     backend: str = "transformers"  # what runs the teacher (`teacher.backends.BACKENDS`): transformers, or vllm
     engine: EngineConfig = field(default_factory=EngineConfig)  # backend=vllm: the engine's settings
+    placement: Placement = field(default_factory=Placement)  # backend=transformers: a teacher over several devices
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     storage: Literal["topk", "sampled"] = "topk"  # top-k log-probs, or tokens drawn from the teacher
     top_k: int = 64  # topk: log-probs stored per token and sample
@@ -102,7 +103,8 @@ class Config:
             raise ValueError("aggregate=true is top-k storage's: a sampled cache's draws already mix the M samples")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {self.backend!r}")
-        refusal = BACKENDS[self.backend].refusal(self.capture(), routers=self.routers, engine=self.engine)
+        refusal = BACKENDS[self.backend].refusal(self.capture(), routers=self.routers, engine=self.engine,
+                                                 placement=self.placement)
         if refusal:
             raise ValueError(refusal)
 
@@ -128,7 +130,8 @@ def run(config: Config) -> dict:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     backend = open_teacher(config.backend, teacher=config.teacher, capture=config.capture(), dtype=dtype,
-                           device=device, pad_id=pad_token_id(tokenizer), routers=config.routers, engine=config.engine)
+                           device=device, pad_id=pad_token_id(tokenizer), routers=config.routers, engine=config.engine,
+                           placement=config.placement)
     if config.storage == "topk" and config.top_k > backend.vocab_size:
         raise MoekdError(f"top_k={config.top_k} exceeds the teacher's vocabulary ({backend.vocab_size})")
     identity = CacheIdentity.build(

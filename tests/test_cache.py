@@ -121,6 +121,18 @@ def test_concurrent_writers_share_the_work(tmp_path, moe_dir, prepared, referenc
     assert fixtures.cache_files(tmp_path / "shared") == fixtures.cache_files(reference_small_shards)
 
 
+def test_a_teacher_spread_over_devices_gives_the_single_device_cache(tmp_path, reference, moe_dir, prepared):
+    """The CPU holds what max_memory lets it, the other layers wait on disk (accelerate's offload, read back layer
+    by layer): several placements, KA's hooks on each, and the same bytes."""
+    teacher = moe_dir("mixtral")
+    half = (teacher / "model.safetensors").stat().st_size // 2
+    offload = tmp_path / "offload"
+    run_cache(tmp_path / "spread", teacher, prepared, *KA, "placement.device_map=sequential",
+              f"placement.max_memory.cpu={half}", f"placement.offload_folder={offload}")
+    assert any(offload.iterdir())  # some weights were placed on disk
+    assert fixtures.cache_files(tmp_path / "spread") == fixtures.cache_files(reference)
+
+
 def test_full_disk_keeps_committed_shards_and_resumes(tmp_path, monkeypatch, reference, moe_dir, prepared):
     real_write = Path.write_bytes
     calls = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 
 @dataclass
@@ -24,10 +25,8 @@ class Sequence:
     logprobs: np.ndarray  # float32 (T, k), over the whole vocabulary
 
 
-def nested_list(rows: list[np.ndarray], dtype) -> "pa.ListArray":
+def nested_list(rows: list[np.ndarray], dtype) -> pa.ListArray:
     """A list<list<dtype>> column of 2-D arrays (one per table row; each of its rows a list)."""
-    import pyarrow as pa
-
     lengths = [len(r) for r in rows]
     inner = pa.ListArray.from_arrays(
         pa.array(np.concatenate([[0], np.cumsum([r.shape[1] for r in rows for _ in range(len(r))], dtype=np.int64)])

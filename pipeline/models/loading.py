@@ -11,6 +11,7 @@ import functools
 import os
 import pickle
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -102,27 +103,60 @@ def load_config(path: str | Path):
         raise MoekdError(f"cannot read the model config in {directory}: {first_line(e)}") from None
 
 
+@dataclass
+class Placement:
+    """Where the layers of a model larger than one device go: transformers' big-model loading (accelerate)
+    places them over the GPUs, the CPU and disk, within `max_memory`, and moves activations between them.
+    Unset (`device_map` null): the whole model on the stage's `device`."""
+
+    device_map: str | None = None  # auto, balanced, balanced_low_0 or sequential
+    max_memory: dict[str, str] | None = None  # per device ("0", "1", ..., "cpu"): the most it may hold, e.g. "70GiB"
+    offload_folder: str | None = None  # where the weights that fit on no device wait (read back layer by layer)
+
+    def __post_init__(self):
+        if self.device_map not in (None, "auto", "balanced", "balanced_low_0", "sequential"):
+            raise ValueError(f"placement.device_map must be auto, balanced, balanced_low_0 or sequential, got "
+                             f"{self.device_map!r}")
+        if (self.max_memory or self.offload_folder) and self.device_map is None:
+            raise ValueError("placement.max_memory and placement.offload_folder need placement.device_map")
+
+    def options(self) -> dict:
+        """from_pretrained's arguments for this placement."""
+        digits = lambda text: int(text) if str(text).isdigit() else text  # noqa: E731 - GPU indices, bytes
+        memory = None if self.max_memory is None else \
+            {digits(key): digits(value) for key, value in self.max_memory.items()}
+        return {"device_map": self.device_map, "max_memory": memory, "offload_folder": self.offload_folder}
+
+
 def load_model(
     path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-    attention: str | None = None,
+    attention: str | None = None, placement: Placement | None = None,
 ) -> PreTrainedModel:
-    """The causal LM saved in local directory `path`, on `device` in `dtype`, in eval mode, with the attention
-    implementation `attention` (transformers' attn_implementation; None: its default). Weights load safely
-    (safetensors, or pickles of tensors only); code in the directory runs only under `honours_remote_code`
-    with trust_remote_code set."""
+    """The causal LM saved in local directory `path`, on `device` (or spread as `placement` says) in `dtype`,
+    in eval mode, with the attention implementation `attention` (transformers' attn_implementation; None: its
+    default). Weights load safely (safetensors, or pickles of tensors only); code in the directory runs only
+    under `honours_remote_code` with trust_remote_code set."""
     path = local_dir(path, "model")
     if not (path / "config.json").is_file():
         raise MoekdError(f"{path} has no config.json; is it a transformers model directory?")
     resolved = resolve_device(device)
+    where = placement.options() if placement and placement.device_map else {"device_map": resolved}
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=REMOTE_CODE.get())
         model = causal_lm_class(config).from_pretrained(
-            path, config=config, dtype=resolve_dtype(dtype, resolved), device_map=resolved, local_files_only=True,
-            trust_remote_code=REMOTE_CODE.get(), **({"attn_implementation": attention} if attention else {}),
+            path, config=config, dtype=resolve_dtype(dtype, resolved), local_files_only=True,
+            trust_remote_code=REMOTE_CODE.get(), **where, **({"attn_implementation": attention} if attention else {}),
         )
     except LOAD_ERRORS as e:
         raise MoekdError(f"cannot load a causal language model from {path}: {first_line(e)}") from None
     return model.eval()
+
+
+def input_device(model: PreTrainedModel) -> torch.device:
+    """Where a model's inputs go: its embedding's device (with a placement, the device of its first layers;
+    weights offloaded to disk compute on the CPU)."""
+    device = model.get_input_embeddings().weight.device
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def causal_lm_class(config) -> type:

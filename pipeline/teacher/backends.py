@@ -30,7 +30,7 @@ from pipeline.data.batch import collate_examples
 from pipeline.data.prepared import PreparedExample
 from pipeline.models.backend import EngineConfig, Progress, no_progress
 from pipeline.models.identity import model_identity
-from pipeline.models.loading import load_model
+from pipeline.models.loading import Placement, input_device, load_model
 from pipeline.models.logprobs import vocab_size
 from pipeline.teacher.capture import Capture, TeacherBackend, capture_batch
 from pipeline.teacher.routers import apply_routers
@@ -45,9 +45,11 @@ class TransformersTeacher(TeacherBackend):
     name = "transformers"
 
     def __init__(self, *, teacher: str, capture: Capture, dtype: torch.dtype, device: torch.device, pad_id: int,
-                 routers: str | None = None, engine: EngineConfig | None = None):
-        """Load the teacher (and the `routers` a `moekd sar` run adapted, after checking it is their teacher)."""
-        self.model = load_model(teacher, dtype=dtype, device=device)
+                 routers: str | None = None, engine: EngineConfig | None = None, placement: Placement | None = None):
+        """Load the teacher on `device`, or over several as `placement` says (and the `routers` a `moekd sar` run
+        adapted, after checking it is their teacher)."""
+        self.model = load_model(teacher, dtype=dtype, device=device, placement=placement)
+        self.device = input_device(self.model)
         if routers:
             apply_routers(self.model, routers)
         self.identity = model_identity(teacher, self.model)
@@ -56,7 +58,8 @@ class TransformersTeacher(TeacherBackend):
         self.routing: RoutingHooks | None = None
 
     @classmethod
-    def refusal(cls, capture: Capture, *, routers: str | None, engine: EngineConfig) -> str | None:
+    def refusal(cls, capture: Capture, *, routers: str | None, engine: EngineConfig,
+                placement: Placement | None = None) -> str | None:
         return "engine settings apply to backend=vllm only" if engine != EngineConfig() else None
 
     def __enter__(self) -> TransformersTeacher:
@@ -74,7 +77,7 @@ class TransformersTeacher(TeacherBackend):
         order = sorted(examples, key=lambda e: (len(e.input_ids), e.seq_id))
         records = []
         for start in range(0, len(order), capture.batch_size):
-            batch = collate_examples(order[start : start + capture.batch_size], self.pad_id).to(self.model.device)
+            batch = collate_examples(order[start : start + capture.batch_size], self.pad_id).to(self.device)
             records += capture_batch(self.model, self.routing, batch, num_samples=capture.routing.samples,
                                      k=capture.top_k, aggregate=capture.aggregate, seed=capture.routing.seed,
                                      draws=capture.draws if capture.storage == "sampled" else None)
@@ -86,7 +89,8 @@ BACKENDS: dict[str, type[TeacherBackend]] = {backend.name: backend for backend i
 
 
 def open_teacher(name: str, *, teacher: str | Path, capture: Capture, dtype: torch.dtype, device: torch.device,
-                 pad_id: int, routers: str | None = None, engine: EngineConfig | None = None) -> TeacherBackend:
+                 pad_id: int, routers: str | None = None, engine: EngineConfig | None = None,
+                 placement: Placement | None = None) -> TeacherBackend:
     """The backend `name` for `teacher` (a local model directory), made from the stage's settings."""
     return BACKENDS[name](teacher=str(teacher), capture=capture, dtype=dtype, device=device, pad_id=pad_id,
-                          routers=routers, engine=engine or EngineConfig())
+                          routers=routers, engine=engine or EngineConfig(), placement=placement)

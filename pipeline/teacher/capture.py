@@ -33,6 +33,7 @@ from pipeline.core.seeding import generator
 from pipeline.data.batch import Batch
 from pipeline.data.prepared import PreparedExample
 from pipeline.models.backend import Backend, EngineConfig, Progress, no_progress
+from pipeline.models.loading import Placement
 from pipeline.models.logprobs import target_hidden, vocab_logits
 from pipeline.teacher.routing import RoutingConfig
 
@@ -62,8 +63,10 @@ class TeacherBackend(Backend):
     """Stage one's teacher: `records` of a shard's prepared rows (see the module docstring)."""
 
     @classmethod
-    def refusal(cls, capture: Capture, *, routers: str | None, engine: EngineConfig) -> str | None:
-        """Why this backend cannot capture `capture` (with a routers file, with these engine settings), or None."""
+    def refusal(cls, capture: Capture, *, routers: str | None, engine: EngineConfig,
+                placement: Placement | None = None) -> str | None:
+        """Why this backend cannot capture `capture` (with a routers file, these engine settings, this placement
+        of the model over devices), or None."""
         return None
 
     def records(self, examples: list[PreparedExample], progress: Progress = no_progress) -> list[TeacherRecord]:

@@ -260,7 +260,7 @@ class RoutingHooks:
     def _ka(self, layer: int, router: Router, logits, shared, weights, indices):
         if self._draws is None:
             raise RuntimeError("ka routing needs each forward inside `with hooks.sequences(...)`")
-        rows, noise = self._draws[layer]
+        rows, noise = (draw.to(logits.device) for draw in self._draws[layer])  # a layer on another device
         k_s = self.config.k_s or router.top_k
         if k_s != router.top_k:
             indices = top_experts(router, logits, k_s, self.selection_biases[layer])
