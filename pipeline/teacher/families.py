@@ -412,7 +412,10 @@ def with_routing(router: Router, output, weights: torch.Tensor, indices: torch.T
     return output[0], weights, indices, *output[3:]
 
 
-if __name__ == "__main__":  # python -m pipeline.teacher.families: the README's table of families
+if __name__ == "__main__":  # python -m pipeline.teacher.families: the README's tables of families
+    from pipeline.teacher.vllm import backends_table
+
     print(families_table())
-    print(f"\n{len(RULES)} model types supported; {len(UNSUPPORTED)} refused with their reason.")
+    print(f"\n{len(RULES)} model types supported; {len(UNSUPPORTED)} refused with their reason.\n")
+    print(backends_table())
 
