@@ -283,6 +283,10 @@ def test_settings_vllm_refuses_write_nothing(tmp_path, teachers, prepared, token
     assert refusal(result).endswith("vLLM refuses these engine settings: max_num_batched_tokens (16) must be "
                                     "greater than or equal to max_num_seqs (256).")
     assert not output.exists()
+    result = vllm_cache(output, teachers("mixtral"), prepared, "engine.tensor_parallel_size=2",
+                        "engine.enable_expert_parallel=true")
+    assert "vLLM's CPU build crashes under expert parallelism" in refusal(result)
+    assert not output.exists()
     dense = fixtures.make_student(tmp_path / "dense", tokenizer_dir, **SHAPES)  # no router for KA to override
     result = vllm_cache(output, dense, prepared, "routing.mode=ka", "engine.tensor_parallel_size=2")
     assert "has no MoE router moekd can override: routing.mode=ka needs one" in refusal(result)

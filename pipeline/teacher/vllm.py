@@ -123,6 +123,13 @@ class VllmTeacher(TeacherBackend):
             raise MoekdError(f"backend=vllm does not take model type {model_type!r}: {UNMATCHED[model_type]}; use "
                              "backend=transformers")
         engine, routing, k = self.engine, self.routing, self.k
+        if engine.enable_expert_parallel:
+            from vllm.platforms import current_platform
+
+            if current_platform.is_cpu():
+                raise MoekdError("engine.enable_expert_parallel: vLLM's CPU build crashes under expert parallelism "
+                                 "(a segfault in its fused-MoE kernel, whatever the routing, measured with vLLM "
+                                 "0.32); on CPU use engine.tensor_parallel_size alone")
         options = dict(model=self.teacher, skip_tokenizer_init=True, dtype=self.dtype, enforce_eager=True,
                        max_logprobs=k, logprobs_mode="raw_logprobs", enable_prefix_caching=False,
                        tensor_parallel_size=engine.tensor_parallel_size,
