@@ -14,18 +14,14 @@ import fixtures
 from pipeline.cache.card import summary
 from pipeline.cache.manifest import Manifest
 from pipeline.core.config import load_config
-from stages import cache, prepare
+from stages import cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, moe_dir):
-    directory = tmp_path_factory.mktemp("prepared")
-    data = fixtures.write_jsonl(directory / "train.jsonl", fixtures.instruction_records(12, seed=5))
-    prepare.run(load_config(prepare.Config, None, [f"inputs={data}", f"output={directory / 'out'}",
-                                                   f"tokenizer={moe_dir('mixtral')}"]))
-    return directory / "out"
+def prepared(tmp_path_factory, tokenizer_dir):
+    return fixtures.prepared_records(tmp_path_factory.mktemp("prepared"), tokenizer_dir, 12, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +38,15 @@ def run_cache(output, teacher, data, *extra):
                                                "shard_size=5", "top_k=6", *extra]))
 
 
-def python_block(text: str) -> str:
-    return re.search(r"```python\n(.*?)```", text, re.S)[1]
+def run_reading_snippet(card: str, cache_dir: Path) -> dict:
+    """The names the card's python snippet defines, run in the cache as the card says."""
+    namespace, cwd = {}, os.getcwd()
+    try:
+        os.chdir(cache_dir)
+        exec(re.search(r"```python\n(.*?)```", card, re.S)[1], namespace)
+    finally:
+        os.chdir(cwd)
+    return namespace
 
 
 def test_the_card_comes_when_the_cache_is_complete_and_hub_tooling_reads_it(tmp_path, teacher, prepared, capsys):
@@ -73,13 +76,7 @@ def test_the_card_comes_when_the_cache_is_complete_and_hub_tooling_reads_it(tmp_
     row = rows[7]
     np.testing.assert_array_equal(np.cumsum(np.reshape(row["topk_ids"], (M, T, 6)), axis=-1), record.topk_ids)
 
-    namespace = {}  # the card's reading snippet, run in the cache as written
-    cwd = os.getcwd()
-    try:
-        os.chdir(output)
-        exec(python_block(text), namespace)
-    finally:
-        os.chdir(cwd)
+    namespace = run_reading_snippet(text, output)
     first = manifest.read_shard(0, rows=[0])[0]
     np.testing.assert_array_equal(namespace["ids"], first.topk_ids)
     np.testing.assert_allclose(namespace["logprobs"], first.topk_logprobs)
@@ -91,13 +88,7 @@ def test_a_sampled_cache_card_reads_its_draws(tmp_path, teacher, prepared):
               "license=cc-by-4.0")
     text = (output / "README.md").read_text()
     assert "license: cc-by-4.0" in text and "16 tokens drawn" in text
-    namespace = {}
-    cwd = os.getcwd()
-    try:
-        os.chdir(output)
-        exec(python_block(text), namespace)
-    finally:
-        os.chdir(cwd)
+    namespace = run_reading_snippet(text, output)
     first = Manifest.load(output).read_shard(0, rows=[0])[0]
     np.testing.assert_array_equal(namespace["ids"], first.sample_ids)
     np.testing.assert_array_equal(namespace["counts"], first.sample_counts)

@@ -15,7 +15,7 @@ import fixtures
 from pipeline.cache.manifest import Manifest
 from pipeline.core.config import load_config
 from pipeline.formats import distillkit
-from stages import cache, convert, prepare, train
+from stages import cache, convert, train
 from stages.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,12 +23,8 @@ VECTORS = Path(__file__).parent / "data" / "distillkit_vectors.json"
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, moe_dir):
-    directory = tmp_path_factory.mktemp("prepared")
-    data = fixtures.write_jsonl(directory / "train.jsonl", fixtures.instruction_records(10, seed=7))
-    prepare.run(load_config(prepare.Config, None, [f"inputs={data}", f"output={directory / 'out'}",
-                                                   f"tokenizer={moe_dir('mixtral')}"]))
-    return directory / "out"
+def prepared(tmp_path_factory, tokenizer_dir):
+    return fixtures.prepared_records(tmp_path_factory.mktemp("prepared"), tokenizer_dir, 10, seed=7)
 
 
 @pytest.fixture(scope="module")
