@@ -15,7 +15,7 @@ import pytest
 
 import fixtures
 from hubserver import READ_TOKEN, hub, hub_server  # noqa: F401 - fixtures
-from pipeline.cache import storage
+from pipeline.cache import remote
 from pipeline.cache.manifest import Manifest
 from pipeline.cache.hub import HUB_COMMIT_ATTEMPTS, HubStore
 from pipeline.cache.storage import RemoteStore, open_store
@@ -242,7 +242,7 @@ def test_a_missing_repository_a_wrong_token_or_a_dead_endpoint_is_one_line(
         one_line_refusal(capsys, "verify", URL)
     monkeypatch.delenv("HF_TOKEN")  # anonymous: the Hub does not say whether a private repository exists
     assert "not found at" in one_line_refusal(capsys, "verify", URL)
-    monkeypatch.setattr(storage.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(remote.time, "sleep", lambda seconds: None)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     err = one_line_refusal(capsys, "verify", URL)
     assert "ConnectError" in err and "check the endpoint (HF_ENDPOINT)" in err and "after 4 attempts" in err

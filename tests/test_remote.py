@@ -259,7 +259,7 @@ class FailingFilesystem:
                                                     (501, "NotImplemented", 1), (503, "SlowDown", 4),
                                                     (500, "InternalError", 4), (400, "RequestTimeout", 4)])
 def test_only_transient_failures_are_retried(status, code, attempts, monkeypatch):
-    monkeypatch.setattr("pipeline.cache.storage.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("pipeline.cache.remote.time.sleep", lambda seconds: None)
     failing = FailingFilesystem(status, code)
     store = RemoteStore(failing, "bucket/cache", "s3://bucket/cache")
     message = f"s3://bucket/cache/manifest.json: the server said {code} \\(HTTP {status}\\)"

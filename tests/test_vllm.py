@@ -23,7 +23,7 @@ from pipeline.cache.manifest import Manifest
 from pipeline.core.config import load_config
 from pipeline.data.prepared import PreparedData
 from pipeline.teacher.routing import RoutingConfig, ka_draws
-from pipeline.teacher.vllm import CHECKED, backends_table
+from pipeline.teacher.families import VLLM_CHECKED, backends_table
 from stages import cache
 from test_routing import inclusion_probabilities
 
@@ -139,11 +139,11 @@ def assert_same_distributions(a: Path, b: Path) -> None:
 
 
 def test_the_backends_table_claims_what_these_tests_check():
-    """CHECKED (the README's table) lists exactly the (family, mode) cells this module's parity tests compare."""
+    """VLLM_CHECKED (the README's table) lists exactly the (family, mode) cells this module's parity tests compare."""
     tested = {(family, "topk") for family in FAMILIES} | {("mixtral", "ka"), ("olmoe", "all"), ("olmoe", "top_p")}
     tested |= {(family, mode) for family in SIGMOID_FAMILIES for mode in ("topk", "ka", "all")}
     tested -= {("llama4_text", "all")}  # refused: vLLM weighs Llama-4's expert input, one expert per token
-    assert {(family, mode) for family, modes in CHECKED.items() for mode in modes} == tested
+    assert {(family, mode) for family, modes in VLLM_CHECKED.items() for mode in modes} == tested
     assert backends_table() in (fixtures.REPO / "README.md").read_text()
 
 

@@ -15,7 +15,7 @@ import time
 from typing import BinaryIO, Callable, TypeVar
 from urllib.parse import quote
 
-from pipeline.cache.storage import RemoteStore, _described, _status
+from pipeline.cache.remote import RemoteStore, _described, _status
 from pipeline.core.errors import MoekdError, first_line
 from pipeline.core.files import confined_parts, too_large
 

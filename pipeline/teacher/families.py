@@ -412,9 +412,27 @@ def with_routing(router: Router, output, weights: torch.Tensor, indices: torch.T
     return output[0], weights, indices, *output[3:]
 
 
-if __name__ == "__main__":  # python -m pipeline.teacher.families: the README's tables of families
-    from pipeline.teacher.vllm import backends_table
+# The routing modes whose vLLM cache (backend=vllm, `teacher.vllm`) equals the transformers cache in
+# tests/test_vllm.py, by family (the CPU build, fp32, tiny random models). Every family of `RULES` runs every mode on
+# the transformers backend.
+VLLM_CHECKED = {
+    "mixtral": ("topk", "ka"), "qwen2_moe": ("topk",), "qwen3_moe": ("topk",), "olmoe": ("topk", "all", "top_p"),
+    "gpt_oss": ("topk",), "glm4_moe": ("topk", "ka", "all"), "afmoe": ("topk", "ka", "all"),
+    "llama4_text": ("topk", "ka"),
+}
 
+
+def backends_table() -> str:
+    """The Markdown table of the routing modes each backend was shown to run right, by family (the README's)."""
+    lines = ["| family (model_type) | transformers | vLLM (CPU build: the cache equals the transformers one) |",
+             "|---|---|---|"]
+    lines += [f"| {family} | topk, ka, all, top_p | {', '.join(modes)} |" for family, modes in VLLM_CHECKED.items()]
+    lines.append("| the other families of the table above | topk, ka, all, top_p | not checked (deepseek_v2, "
+                 "deepseek_v3, deepseek_v32: refused) |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m pipeline.teacher.families: the README's tables of families
     print(families_table())
     print(f"\n{len(RULES)} model types supported; {len(UNSUPPORTED)} refused with their reason.\n")
     print(backends_table())

@@ -63,25 +63,6 @@ MLA = ("vLLM's CPU rotary kernel mis-rotates multi-head latent attention's strid
 UNMATCHED = {"deepseek_v2": MLA, "deepseek_v3": MLA, "deepseek_v32": MLA}
 
 
-# The routing modes whose vLLM cache equals the transformers cache in tests/test_vllm.py, by family (the CPU
-# build, fp32, tiny random models). Every family of `RULES` runs every mode on the transformers backend.
-CHECKED = {
-    "mixtral": ("topk", "ka"), "qwen2_moe": ("topk",), "qwen3_moe": ("topk",), "olmoe": ("topk", "all", "top_p"),
-    "gpt_oss": ("topk",), "glm4_moe": ("topk", "ka", "all"), "afmoe": ("topk", "ka", "all"),
-    "llama4_text": ("topk", "ka"),
-}
-
-
-def backends_table() -> str:
-    """The Markdown table of the routing modes each backend was shown to run right, by family (the README's)."""
-    lines = ["| family (model_type) | transformers | vLLM (CPU build: the cache equals the transformers one) |",
-             "|---|---|---|"]
-    lines += [f"| {family} | topk, ka, all, top_p | {', '.join(modes)} |" for family, modes in CHECKED.items()]
-    lines.append("| the other families of the table above | topk, ka, all, top_p | not checked (deepseek_v2, "
-                 "deepseek_v3, deepseek_v32: refused) |")
-    return "\n".join(lines)
-
-
 class VllmTeacher(TeacherBackend):
     """The teacher in a vLLM engine, top-k log-probs at the targets; the engine starts at `start`."""
 
