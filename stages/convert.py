@@ -16,11 +16,12 @@ exported in `convert.json` first, and resumes at the first missing file; the
 values are the cache's float16-rounded log-probs, unchanged.
 
 Import reads the input's Parquet files in name order, a row per sequence
-(a packed DistillKit row per document), checks every distribution (ids in
-the vocabulary of `tokenizer`, log-probs that sum to at most 1: logits are
-refused), and writes a moekd cache with the usual commit protocol (resumable,
-card included), whose identity names the source format and the sha256 of its
-files. The log-probs are stored as moekd stores them (float16-rounded).
+(a packed DistillKit row per document), one file in memory at a time: a
+first pass checks every distribution (ids in the vocabulary of `tokenizer`,
+log-probs that sum to at most 1: logits are refused) and counts the rows,
+so bad input writes nothing; the second writes a moekd cache with the usual
+commit protocol (resumable, card included), whose identity names the source
+format and the sha256 of its files. The log-probs are stored as moekd stores them (float16-rounded).
 Nothing in the input is executed; paths it might hold are not followed.
 """
 
@@ -30,7 +31,7 @@ import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -130,12 +131,10 @@ def import_files(config: Config) -> None:
     tokenizer = load_tokenizer(config.tokenizer)
     vocab_size = load_config(config.tokenizer).vocab_size
     codec = compression(config) if config.format == distillkit.NAME else None
-    sequences = []
-    for path in tqdm(files, desc="read", unit="file", dynamic_ncols=True):
-        table = read_table(path)
-        sequences += topk_logprobs.from_table(table, vocab_size, str(path)) if codec is None \
-            else distillkit.from_table(table, codec, vocab_size, str(path))
-    widths = {seq.ids.shape[1] for seq in sequences if len(seq.positions)}
+    rows, widths = 0, set()  # a first pass checks everything, so that bad input writes nothing
+    for seq in tqdm(read_sequences(files, codec, vocab_size), desc="check", unit="seq", dynamic_ncols=True):
+        rows += 1
+        widths |= {seq.ids.shape[1]} if len(seq.positions) else set()
     if len(widths) != 1:
         held = f"distributions of {', '.join(map(str, sorted(widths)))} entries" if widths else "no distributions"
         raise MoekdError(f"{config.input} holds {held}; a moekd cache needs one k")
@@ -147,19 +146,32 @@ def import_files(config: Config) -> None:
     spec = dict(vocab_size=vocab_size, num_samples=1, k=k)
     identity = CacheIdentity.imported(
         teacher=teacher, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), data_fingerprint=sources,
-        rows=len(sequences), shard_size=config.shard_size, encoding=encoding_spec(**spec))
+        rows=rows, shard_size=config.shard_size, encoding=encoding_spec(**spec))
     info = {"teacher_path": None, "data_path": config.input, "license": config.license}
     manifest = Manifest.open(config.output, identity, info, config.overwrite)
-    todo = [s for s in range(identity.num_shards) if s not in manifest.committed()]
-    for index in tqdm(todo, desc="cache", unit="shard", dynamic_ncols=True):
-        first = index * config.shard_size
-        records = [TeacherRecord(first + i, seq.input_ids.astype(np.int32), seq.positions.astype(np.int32),
-                                 topk_ids=seq.ids.reshape(1, -1, k), topk_logprobs=seq.logprobs.reshape(1, -1, k))
-                   for i, seq in enumerate(sequences[first:first + config.shard_size])]
-        manifest.commit(write_shard(manifest.store, index, records, **spec))
+    todo = {s for s in range(identity.num_shards) if s not in manifest.committed()}
+    records = []  # the shard being gathered; the second pass holds one shard at a time
+    for seq_id, seq in enumerate(tqdm(read_sequences(files, codec, vocab_size), total=rows, desc="cache",
+                                      unit="seq", dynamic_ncols=True)):
+        index = seq_id // config.shard_size
+        if index in todo:
+            records.append(TeacherRecord(seq_id, seq.input_ids.astype(np.int32), seq.positions.astype(np.int32),
+                                         topk_ids=seq.ids.reshape(1, -1, k), topk_logprobs=seq.logprobs.reshape(1, -1, k)))
+        if records and (seq_id + 1 == rows or (seq_id + 1) % config.shard_size == 0):
+            manifest.commit(write_shard(manifest.store, index, records, **spec))
+            records = []
     write_card(manifest)
-    print(f"convert: {len(files)} {config.format} files imported into {config.output} ({len(sequences)} sequences, "
-          f"k={k}, {len(todo)} shards written)")
+    print(f"convert: {len(files)} {config.format} files imported into {config.output} ({rows} sequences, k={k}, "
+          f"{len(todo)} shards written)")
+
+
+def read_sequences(files: list[Path], codec: distillkit.CompressionConfig | None, vocab_size: int
+                   ) -> Iterator[Sequence]:
+    """The sequences of the input files in order, checked, one file in memory at a time."""
+    for path in files:
+        table = read_table(path)
+        yield from (topk_logprobs.from_table(table, vocab_size, str(path)) if codec is None
+                    else distillkit.from_table(table, codec, vocab_size, str(path)))
 
 
 def input_files(path: Path) -> list[Path]:
