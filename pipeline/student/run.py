@@ -174,6 +174,7 @@ class Run:
         self.identity = run_identity(config, RESUMABLE_WITH_CHANGES)
         self.lock: FileLock | None = None
         self.trainer: Trainer | None = None
+        self.reporters: Reporters | None = None  # opened when the run knows its first step (`resume`)
         self.processes = Distributed(config.device)
         try:
             self.latest = self.processes.on_rank0(self.open_directory)
@@ -182,7 +183,6 @@ class Run:
             raise
         self.autocast_dtype = autocast_dtype(config.dtype, self.processes.device)
         self.log = MetricsLog(self.output / METRICS_FILE)
-        self.reporters: Reporters | None = None
 
     def __enter__(self) -> Run:
         return self
