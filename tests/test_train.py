@@ -374,6 +374,35 @@ def test_report_to_tensorboard_logs_each_step_once_through_a_resume(tmp_path, sp
         assert logged == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in records if key in r], key
 
 
+def test_report_to_wandb_logs_each_step_to_one_run_through_a_resume(tmp_path, monkeypatch, ka_cache, student_dir):
+    """wandb itself (offline): every step's numbers at its step, and a resumed run continues the same wandb run."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged, runs, init = [], [], wandb.init
+
+    def recording_init(**kwargs):  # the real run, its log calls recorded on the way
+        run = init(**kwargs)
+        runs.append(kwargs["id"])
+        log = run.log
+        monkeypatch.setattr(run, "log", lambda data, step: (logged.append((step, data)), log(data, step=step)))
+        return run
+
+    monkeypatch.setattr(wandb, "init", recording_init)
+    output = tmp_path / "run"
+    settings = dict(cache=ka_cache, save_every=2, keep_checkpoints_at_end=True, report_to=("wandb",))
+    run_train(output, student_dir, **settings)
+    shutil.rmtree(output / "final")
+    shutil.rmtree(output / "checkpoints" / "step-00000004")
+    records = run_train(output, student_dir, **settings)  # resumes after step 2
+    assert len(runs) == 2 and runs[0] == runs[1]  # one wandb run, resumed
+    assert [step for step, _ in logged] == [1, 2, 3, 4, 3, 4]  # the redone steps again
+    for step, data in logged[-2:]:
+        assert data == {k: float(v) for k, v in records[step - 1].items() if k != "step" and isinstance(v, (int, float))}
+    assert list((output / "wandb").glob(f"offline-run-*-{runs[0]}"))  # written by wandb itself
+
+
 def test_sigkill_then_rerun_gives_the_uninterrupted_run(tmp_path, ka_cache, tokenizer_dir):
     # Dropout makes the losses depend on the RNG states the checkpoints carry.
     student = fixtures.make_student(tmp_path / "student", tokenizer_dir, attention_dropout=0.2)

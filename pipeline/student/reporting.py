@@ -4,12 +4,15 @@ Each reporter gets every step's record with metrics.jsonl's keys (the numbers
 among them), at the record's step. A resumed run goes back to its checkpoint:
 TensorBoard is told to forget the later steps it saw (`purge_step`), as
 metrics.jsonl drops them; Weights & Biases resumes the same run (its id is
-derived from the run directory) and ignores steps it already holds.
+derived from the run directory and its settings) and gets the redone steps
+again (online, it keeps the values a step was first logged with; a resumed
+run recomputes them alike).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -18,6 +21,7 @@ from pipeline.core.errors import MoekdError
 
 REPORTERS = ("tensorboard", "wandb")
 TENSORBOARD_DIR = "tensorboard"  # in the run directory
+WANDB_DIR = "wandb"  # where wandb keeps its files of the run (it names the folder itself)
 
 
 def check_report_to(report_to: tuple[str, ...]) -> None:
@@ -46,7 +50,9 @@ class Reporters:
             except ImportError:
                 raise MoekdError("report_to: wandb needs the wandb package (pip install wandb; then `wandb login`, "
                                  "or WANDB_MODE=offline)") from None
-            run_id = hashlib.sha256(str(Path(output).resolve()).encode()).hexdigest()[:16]
+            # One wandb run per run directory and settings: a resumed run continues it, a replaced one does not.
+            named = json.dumps({"output": str(Path(output).resolve()), "settings": settings}, sort_keys=True)
+            run_id = hashlib.sha256(named.encode()).hexdigest()[:16]
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "moekd"), name=Path(output).name,
                                     id=run_id, resume="allow", dir=str(output), config=settings)
 

@@ -3,7 +3,7 @@
 A run directory holds run.json (the settings that decide the numbers, the
 ranks it last ran on, and the run's inputs by content), run.lock (held by
 the process running it), metrics.jsonl, checkpoints/, final/ and, with
-report_to: [tensorboard], tensorboard/. A re-run
+report_to: tensorboard/ and wandb/. A re-run
 with the same settings resumes from the newest checkpoint (or finds the run
 finished), wherever the directory now lies and whichever `parallel`; other
 settings are refused unless overwrite, which starts afresh (the lifecycle of
@@ -28,7 +28,7 @@ from pipeline.core.errors import MoekdError
 from pipeline.core.files import atomic_write_bytes, atomic_write_json, parse_json, read_json, remove_stale_directories
 from pipeline.core.outputs import FOREIGN, Output, Verdict, judge
 from pipeline.student.checkpoints import checkpoint_entries, checkpoint_step, newest_sound_checkpoint, remove_entry
-from pipeline.student.reporting import TENSORBOARD_DIR
+from pipeline.student.reporting import TENSORBOARD_DIR, WANDB_DIR
 
 RUN_FILE = "run.json"
 RUN_LOCK = "run.lock"  # held by the one process that runs in the directory
@@ -159,7 +159,8 @@ def start_output(output: Path, identity: dict, latest: str | None, warn: Callabl
     if latest is None:
         shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
         shutil.rmtree(output / FINAL, ignore_errors=True)
-        shutil.rmtree(output / TENSORBOARD_DIR, ignore_errors=True)
+        for reported in (TENSORBOARD_DIR, WANDB_DIR):  # the replaced run's, in the run directory
+            shutil.rmtree(output / reported, ignore_errors=True)
         for name in also_clear:
             (output / name).unlink(missing_ok=True)
     remove_stale_directories(output)
