@@ -50,6 +50,7 @@ from pipeline.core.outputs import Output, Verdict, judge, recorded_in
 from pipeline.formats import Sequence, distillkit, topk_logprobs
 from pipeline.models.identity import tokenizer_fingerprint
 from pipeline.models.loading import honours_remote_code, load_config, load_tokenizer
+from pipeline.models.logprobs import config_vocab_size
 
 REPORT = "convert.json"
 DATA = "data"
@@ -129,7 +130,7 @@ def import_files(config: Config) -> None:
                          "ids are in, and its vocab_size the distributions'")
     files = input_files(Path(config.input))
     tokenizer = load_tokenizer(config.tokenizer)
-    vocab_size = load_config(config.tokenizer).vocab_size
+    vocab_size = config_vocab_size(load_config(config.tokenizer))
     codec = compression(config) if config.format == distillkit.NAME else None
     rows, widths = 0, set()  # a first pass checks everything, so that bad input writes nothing
     for seq in tqdm(read_sequences(files, codec, vocab_size), desc="check", unit="seq", dynamic_ncols=True):
