@@ -15,7 +15,7 @@ import time
 from typing import BinaryIO, Callable, TypeVar
 from urllib.parse import quote
 
-from pipeline.cache.remote import RemoteStore, _described, _status
+from pipeline.cache.remote import RemoteStore, described, http_status
 from pipeline.core.errors import MoekdError, first_line
 from pipeline.core.files import confined_parts, too_large
 
@@ -230,7 +230,7 @@ class HubStore(RemoteStore):
                 return self.api.create_commit(self.repo_id, [operation], commit_message=message,
                                               repo_type="dataset", revision=self.revision, parent_commit=parent)
             except HfHubHTTPError as e:
-                if _status(e) == 412:
+                if http_status(e) == 412:
                     return None
                 raise
 
@@ -271,8 +271,8 @@ class HubStore(RemoteStore):
             except EntryNotFoundError:
                 raise FileNotFoundError(errno.ENOENT, "no such file in the repository") from None
             except HfHubHTTPError as e:
-                if _status(e) in (401, 403):
-                    raise PermissionError(_described(e, self.ENDPOINT)) from None
+                if http_status(e) in (401, 403):
+                    raise PermissionError(described(e, self.ENDPOINT)) from None
                 raise
 
         return super()._call(name, translated)

@@ -64,7 +64,7 @@ class RemoteStore:
             try:
                 return self.fs.cat_file(path, start=0, end=limit + 1)
             except OSError as e:
-                if _status(e) == 416 and self.fs.size(path) == 0:  # S3 answers a range of an empty object so
+                if http_status(e) == 416 and self.fs.size(path) == 0:  # S3 answers a range of an empty object so
                     return b""
                 raise
 
@@ -155,15 +155,15 @@ class RemoteStore:
                                      "environment (for S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or key and "
                                      "secret in FSSPEC_S3)") from None
                 if not _transient(e):
-                    raise MoekdError(f"{self.url(name)}: {_described(e, self.ENDPOINT)}") from None
+                    raise MoekdError(f"{self.url(name)}: {described(e, self.ENDPOINT)}") from None
                 if attempt == RETRIES - 1:
-                    raise MoekdError(f"{self.url(name)}: {_described(e, self.ENDPOINT)} (after {RETRIES} "
+                    raise MoekdError(f"{self.url(name)}: {described(e, self.ENDPOINT)} (after {RETRIES} "
                                      "attempts)") from None
                 time.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
 
 
-def _status(error: Exception) -> int | None:
+def http_status(error: Exception) -> int | None:
     """The HTTP status of a failed request, where the error carries the response (s3fs: botocore's, as its
     cause; huggingface_hub: its HTTP client's)."""
     for candidate in (error, error.__cause__):
@@ -182,7 +182,7 @@ def _transient(error: Exception) -> bool:
     implemented) nor a client that will not go online (offline mode)."""
     if isinstance(error, TimeoutError):  # s3fs's for S3's RequestTimeout, though S3 answers it with a 400
         return True
-    status = _status(error)
+    status = http_status(error)
     if status is not None:
         return status in TRANSIENT_STATUS
     if type(error).__name__ == "OfflineModeIsEnabled":  # huggingface_hub's, a ConnectionError that stays one
@@ -205,11 +205,11 @@ def _missing_credentials(error: Exception) -> bool:
     return type(error).__name__ in ("NoCredentialsError", "PartialCredentialsError")
 
 
-def _described(error: Exception, endpoint: str) -> str:
+def described(error: Exception, endpoint: str) -> str:
     """A failed call in a few words (a Hub error: the server's own message); a client's own error (not an
     OSError: the endpoint unreachable, ...) hints at the `endpoint` setting."""
     if isinstance(error, OSError):
-        status = _status(error)
+        status = http_status(error)
         text = getattr(error, "server_message", None) or error.strerror or str(error)
         return first_line(Exception(text)) + (f" (HTTP {status})" if status else "")
     return f"{type(error).__name__}: {first_line(error)}; check the endpoint ({endpoint})"
