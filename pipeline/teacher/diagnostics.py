@@ -114,7 +114,7 @@ def measure(teacher, examples: list[PreparedExample], pad_id: int, *, group_by: 
             real = batch.attention_mask.reshape(-1).bool().cpu()
             token_group = row_group[:, None].expand_as(batch.attention_mask.cpu()).reshape(-1)[real]
             for layer, (router, logits) in enumerate(zip(routers, hooks.router_logits)):
-                scores = expert_scores(router.rule, logits.float()).cpu()[real]
+                scores = expert_scores(router.rule.score, logits.float()).cpu()[real]
                 scores = scores / scores.sum(-1, keepdim=True)
                 chosen = hooks.chosen[layer].cpu()[real][:, :top_k]
                 mass[layer] += (1 - scores.gather(1, chosen).sum(-1)).sum().double()

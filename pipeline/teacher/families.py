@@ -296,11 +296,11 @@ def family_weights(router: Router, logits: torch.Tensor, indices: torch.Tensor, 
             chosen = chosen.masked_fill(~keep, float("-inf"))
         weights = F.softmax(chosen, dim=1, dtype=chosen.dtype)
     else:
-        weights = expert_scores(rule, logits).gather(1, indices)
+        weights = expert_scores(rule.score, logits).gather(1, indices)
         if keep is not None:
             weights = weights.masked_fill(~keep, 0.0)
         if shared_logits is not None:
-            weights = torch.cat([weights, expert_scores(rule, shared_logits)], dim=1)
+            weights = torch.cat([weights, expert_scores(rule.score, shared_logits)], dim=1)
         if _flag(router.module, rule.renormalize):
             total = weights.sum(dim=-1, keepdim=True)
             if rule.floor is not None:
@@ -312,12 +312,12 @@ def family_weights(router: Router, logits: torch.Tensor, indices: torch.Tensor, 
     return weights
 
 
-def expert_scores(rule: Rule, logits: torch.Tensor) -> torch.Tensor:
-    """The family's score of every expert (float32): softmax over the experts, or a sigmoid or
-    sqrt-softplus of each logit."""
-    if rule.score == "sigmoid":
+def expert_scores(score: str, logits: torch.Tensor) -> torch.Tensor:
+    """Every expert's `score` (a `Rule.score`; float32): softmax over the experts, or a sigmoid or sqrt-softplus
+    of each logit."""
+    if score == "sigmoid":
         return logits.float().sigmoid()
-    if rule.score == "sqrtsoftplus":
+    if score == "sqrtsoftplus":
         return F.softplus(logits.float()).sqrt()
     return F.softmax(logits, dim=-1, dtype=torch.float)
 
@@ -351,7 +351,7 @@ def top_experts(router: Router, logits: torch.Tensor, k: int, bias: torch.Tensor
     Expert groups are not applied: a group limit is defined for the family's own k only.
     """
     rule = router.rule
-    scores = logits if rule.over == "chosen" or rule.select_by == "logits" else expert_scores(rule, logits)
+    scores = logits if rule.over == "chosen" or rule.select_by == "logits" else expert_scores(rule.score, logits)
     if bias is not None:
         scores = scores + bias
     if excluded is not None:

@@ -53,7 +53,7 @@ from pipeline.models.identity import model_identity
 from pipeline.models.loading import Placement, load_config
 from pipeline.models.logprobs import config_vocab_size
 from pipeline.teacher.capture import Capture, TeacherBackend
-from pipeline.teacher.families import top_p_experts
+from pipeline.teacher.families import expert_scores, top_p_experts
 from pipeline.teacher.routing import RoutingConfig, ka_draws
 
 # Families whose vLLM forward was not shown to give the transformers teacher's distributions.
@@ -281,16 +281,13 @@ class RouterRule:
     scale: float  # then multiplied by this (routed_scaling_factor, where the router applies it)
     bias: torch.Tensor | None  # added to the score to choose experts (e_score_correction_bias), not to weigh them
 
-    def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits, dim=-1) if self.score == "softmax" else logits.sigmoid()
-
     def selection(self, logits: torch.Tensor) -> torch.Tensor:
         """What experts are ranked by when the router's own choice is not kept: score plus bias."""
-        scores = self.scores(logits)
+        scores = expert_scores(self.score, logits)
         return scores if self.bias is None else scores + self.bias.float().to(scores.device)
 
     def weights(self, logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        weights = self.scores(logits).gather(1, ids)
+        weights = expert_scores(self.score, logits).gather(1, ids)
         if keep is not None:
             weights = weights * keep
         if self.renormalize:
